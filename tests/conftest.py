@@ -1,0 +1,62 @@
+"""Shared fixtures: real Milvus Lite in a temp dir, the real embedder, real tiny-qwen3."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/support
+
+LOCOMO = Path(os.environ.get("TSUBASA_LOCOMO", Path(__file__).resolve().parents[1] / "../shared/data/locomo10.json"))
+MODEL_CACHE = Path(os.environ.get("TSUBASA_TEST_MODEL_CACHE", Path.home() / ".cache" / "tsubasa" / "models"))
+
+
+@pytest.fixture(scope="session")
+def locomo_path() -> Path:
+    if not LOCOMO.is_file():
+        pytest.skip(f"LoCoMo data not found at {LOCOMO} (set TSUBASA_LOCOMO); CC BY-NC 4.0, not shipped")
+    return LOCOMO
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from tsubasa.embed import load_embedder
+
+    return load_embedder()
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from tsubasa.config import ModelConfig
+
+    return ModelConfig(name="tiny-qwen3", cache_dir=MODEL_CACHE, max_new_tokens=16, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_cfg):
+    from tsubasa.llm import load_engine
+
+    return load_engine(tiny_cfg)
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    from tsubasa.config import load_settings
+
+    return load_settings(data_dir=tmp_path / "data", model={"name": "tiny-qwen3", "cache_dir": MODEL_CACHE},
+                         milvus={"uri": str(tmp_path / "milvus.db")})
+
+
+@pytest.fixture()
+def store(settings):
+    from tsubasa.memory.store import MilvusStore
+
+    s = MilvusStore(settings.milvus, uri=settings.milvus_uri)
+    yield s
+    s.close()

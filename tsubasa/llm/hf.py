@@ -1,0 +1,248 @@
+"""transformers + peft engine (CPU default, also GPU): batched chat generation, named LoRA adapters
+with mixed-adapter batches, and top-d scoring of continuations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tsubasa.config import ModelConfig
+from tsubasa.llm.base import (
+    AdapterNotLoadedError,
+    ChatMessage,
+    Generation,
+    Messages,
+    SamplingParams,
+    TopDScores,
+)
+from tsubasa.llm.models import resolve_model
+
+log = logging.getLogger(__name__)
+BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
+
+
+def _as_dicts(messages: Messages) -> list[dict[str, str]]:
+    return [m.model_dump() if isinstance(m, ChatMessage) else dict(m) for m in messages]
+
+
+class HFEngine:
+    """A causal LM from transformers; LoRA adapters via peft, kept in an LRU of `max_loaded_adapters`."""
+
+    def __init__(self, cfg: ModelConfig | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg = cfg or ModelConfig()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.path = resolve_model(cfg.name, cfg.cache_dir)
+        self.model_name = cfg.name
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if want_cuda else "cpu")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            cfg.dtype, torch.bfloat16 if want_cuda else torch.float32
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.base_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+        self.base_model.eval()
+        self.model: Any = self.base_model  # becomes a PeftModel once an adapter is loaded
+        self._adapters: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.RLock()
+        torch.manual_seed(cfg.seed)
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Token ids of a chat prompt with the generation prompt appended."""
+        text = self.tokenizer.apply_chat_template(
+            _as_dicts(messages), tokenize=False, add_generation_prompt=True,
+            enable_thinking=self.cfg.enable_thinking,
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = self.base_model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        if self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return sorted({i for i in ids if i is not None})
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load LoRA weights from `path` under `name` (evicting the least recently used if full)."""
+        from peft import PeftModel
+
+        with self._lock:
+            if name in self._adapters:
+                self._adapters.move_to_end(name)
+                return
+            while len(self._adapters) >= self.cfg.max_loaded_adapters:
+                old = next(iter(self._adapters))
+                self.unload_adapter(old)
+            if self.model is self.base_model:
+                self.model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+            self.model.eval()
+            self._adapters[name] = path
+            log.info("loaded adapter %s from %s", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self._adapters:
+                return
+            self.model.delete_adapter(name)
+            del self._adapters[name]
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _adapter_names(self, adapters: Sequence[str | None] | None, n: int) -> list[str] | None:
+        if adapters is None or all(a is None for a in adapters):
+            return None
+        if len(adapters) != n:
+            raise ValueError(f"adapters has {len(adapters)} entries for {n} prompts")
+        names = []
+        for a in adapters:
+            if a is not None and a not in self._adapters:
+                raise AdapterNotLoadedError(a)
+            if a is not None:
+                self._adapters.move_to_end(a)
+            names.append(a or BASE)
+        return names
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Messages],
+        params: SamplingParams | None = None,
+        adapters: Sequence[str | None] | None = None,
+    ) -> list[Generation]:
+        params = params or SamplingParams()
+        encoded = [self.prompt_ids(p) for p in prompts]
+        out: list[Generation | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+        bs = self.cfg.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            sub_adapters = None if adapters is None else [adapters[i] for i in idx]
+            for i, gen in zip(idx, self._generate_batch([encoded[i] for i in idx], params, sub_adapters),
+                              strict=True):
+                out[i] = gen
+        return [g for g in out if g is not None]
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams,
+                        adapters: Sequence[str | None] | None) -> list[Generation]:
+        import torch
+
+        with self._lock:
+            names = self._adapter_names(adapters, len(batch))
+            enc = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding=True)
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": params.max_new_tokens,
+                "pad_token_id": self.tokenizer.pad_token_id,
+                "eos_token_id": self.eos_ids,
+            }
+            if params.temperature > 0:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if self.model is not self.base_model:  # LoRA layers are injected in place: name the base
+                kwargs["adapter_names"] = names or [BASE] * len(batch)
+            with torch.inference_mode():
+                seqs = self.model.generate(**enc, **kwargs)
+        width = enc["input_ids"].shape[1]
+        eos = set(self.eos_ids)
+        gens = []
+        for row, prompt in zip(seqs.tolist(), batch, strict=True):
+            new = row[width:]
+            finish = "length"
+            for j, t in enumerate(new):
+                if t in eos:
+                    new, finish = new[:j], "stop"
+                    break
+            while new and new[-1] == self.tokenizer.pad_token_id and finish == "length":
+                new = new[:-1]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            for s in params.stop:
+                if s and s in text:
+                    text, finish = text[: text.index(s)], "stop"
+            gens.append(Generation(
+                text=text.strip(), token_ids=new, prompt_tokens=len(prompt), completion_tokens=len(new),
+                finish_reason=finish,  # type: ignore[arg-type]
+                adapter=None if adapters is None else adapters[len(gens)],
+            ))
+        return gens
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def continuation_ids(self, continuation: str, append_eos: bool = True) -> list[int]:
+        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if append_eos and self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return ids
+
+    def score_topd(
+        self,
+        prompts: Sequence[Messages],
+        continuations: Sequence[str],
+        d: int = 5,
+        adapters: Sequence[str | None] | None = None,
+        append_eos: bool = True,
+    ) -> list[TopDScores]:
+        if len(prompts) != len(continuations):
+            raise ValueError("prompts and continuations differ in length")
+        rows = [(self.prompt_ids(p), self.continuation_ids(c, append_eos))
+                for p, c in zip(prompts, continuations, strict=True)]
+        out: list[TopDScores] = []
+        bs = self.cfg.batch_size
+        for start in range(0, len(rows), bs):
+            sub = None if adapters is None else list(adapters[start:start + bs])
+            out.extend(self._score_batch(rows[start:start + bs], d, sub))
+        return out
+
+    def _score_batch(self, rows: list[tuple[list[int], list[int]]], d: int,
+                     adapters: Sequence[str | None] | None) -> list[TopDScores]:
+        import torch
+
+        # Left padding puts every continuation at the end, so only the last max_c+1 positions'
+        # logits are needed (logits_to_keep) instead of a (B, L, V) tensor.
+        seqs = [p + c for p, c in rows]
+        max_c = max(len(c) for _, c in rows)
+        with self._lock:
+            names = self._adapter_names(adapters, len(rows))
+            enc = self.tokenizer.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
+            enc = {k: v.to(self.device) for k, v in enc.items()}
+            kwargs: dict[str, Any] = {"logits_to_keep": max_c + 1}
+            if self.model is not self.base_model:
+                kwargs["adapter_names"] = names or [BASE] * len(rows)
+            with torch.inference_mode():
+                logits = self.model(**enc, **kwargs).logits.float()
+                logp = torch.log_softmax(logits, dim=-1)
+        k = logp.shape[1]
+        out = []
+        for i, (_, cont) in enumerate(rows):
+            c = len(cont)
+            pos = logp[i, k - c - 1: k - 1]  # (c, V): distribution predicting each continuation token
+            top = pos.topk(d, dim=-1)
+            tok = torch.tensor(cont, device=pos.device)
+            out.append(TopDScores(
+                token_ids=np.asarray(cont, dtype=np.int64),
+                topd_ids=top.indices.cpu().numpy().astype(np.int64),
+                topd_logprobs=top.values.cpu().numpy().astype(np.float32),
+                token_logprobs=pos.gather(1, tok[:, None])[:, 0].cpu().numpy().astype(np.float32),
+            ))
+        return out

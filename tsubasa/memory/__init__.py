@@ -1,0 +1,1 @@
+"""The writing wing: raw turn log, observation extraction, memory evolution, retrieval."""

@@ -1,0 +1,265 @@
+"""Observation extraction: per session and target speaker, an LLM distils the turns into
+standalone, absolutely dated observations with provenance (the ids of the turns they came from).
+
+Parsing is strict about what it keeps and never raises on malformed model output: it accepts a
+JSON list or `- [date] text (turns: ...)` lines, drops what does not qualify and counts why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+import numpy as np
+
+from tsubasa.config import MemoryConfig
+from tsubasa.embed import Embedder
+from tsubasa.llm.base import Engine, SamplingParams, msgs
+from tsubasa.llm.models import BUILTIN_MODELS
+from tsubasa.memory import prompts
+from tsubasa.schema import Observation, Turn, stable_id
+
+log = logging.getLogger(__name__)
+SMALL_MODELS = set(BUILTIN_MODELS)
+
+_BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|observation\s*\d*\s*:)\s*", re.I)
+_DATE = re.compile(r"^\s*[\[(]?\s*(\d{4}-\d{2}-\d{2})\s*[\])]?\s*[:\-–—]?\s*")
+_TURNS_TAIL = re.compile(r"\(\s*(?:turns?|ids?|sources?|from)\s*[:=]?\s*([^)]*)\)\s*\.?\s*$", re.I)
+_ID_TOKEN = re.compile(r"[A-Za-z0-9_.@:-]+")
+_META = re.compile(
+    r"\b(this|the) (conversation|chat|session|dialogue)\b|\b(is|was|seems|appears|being) (very |really |quite )?"
+    r"(supportive|friendly|kind|nice|helpful|encouraging|polite|enthusiastic|excited to chat|happy to chat)\b"
+    r"\s*[.!]?$|^(sure|here are|observations?:|note:)",
+    re.I,
+)
+_PLACEHOLDER = re.compile(r"YYYY|<[^>]+>|\bobservation\b\s*\(turns", re.I)
+_RELATIVE = {"yesterday": -1, "today": 0, "tonight": 0, "last night": -1, "tomorrow": 1,
+             "last week": -7, "next week": 7, "last month": -30, "next month": 30, "last year": -365}
+
+
+@dataclass
+class ExtractionStats:
+    """What the parser kept and dropped, by reason (for logs and tests)."""
+
+    lines: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    json_used: bool = False
+    attributed: int = 0
+
+
+@dataclass
+class ParsedObservation:
+    text: str
+    event_date: date | None
+    source_ids: list[str]
+    speaker: str = ""
+
+
+def transcript(turns: Sequence[Turn]) -> str:
+    return "\n".join(f"[{t.source_id}] {t.speaker}: {t.text}" for t in turns)
+
+
+def _resolve_relative(text: str, report: date | None) -> date | None:
+    if report is None:
+        return None
+    low = text.lower()
+    for phrase, days in _RELATIVE.items():
+        if re.search(rf"\b{phrase}\b", low):
+            return report + timedelta(days=days)
+    return None
+
+
+def _ids_in(raw: str, known: set[str]) -> list[str]:
+    found = []
+    for tok in _ID_TOKEN.findall(raw):
+        tok = tok.strip(".,;:")
+        if tok in known and tok not in found:
+            found.append(tok)
+    return found
+
+
+def _clean_text(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip().strip('"').strip()
+    return text.rstrip(" ,;")
+
+
+def _from_json(raw: str) -> list[dict] | None:
+    start, end = raw.find("["), raw.rfind("]")
+    if start < 0 or end <= start:
+        return None
+    try:
+        data = json.loads(raw[start:end + 1])
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        return None
+    return data
+
+
+def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | None, speaker: str,
+                       max_items: int = 20, stats: ExtractionStats | None = None,
+                       speakers: Sequence[str] = (), seen: set[str] | None = None) -> list[ParsedObservation]:
+    """Parse an extractor reply. Never raises; whatever cannot be used is dropped and counted.
+
+    A line that starts with `<speaker>:` (small models echo turns) is kept for that speaker;
+    `seen` de-duplicates across the calls of one session."""
+    stats = stats if stats is not None else ExtractionStats()
+    known = set(known_ids)
+    candidates: list[tuple[str, str | None, list[str]]] = []
+    items = _from_json(raw) if isinstance(raw, str) else None
+    if items is not None:
+        stats.json_used = True
+        for it in items:
+            text = it.get("text") or it.get("observation") or it.get("fact") or ""
+            when = it.get("date") or it.get("event_date")
+            src = it.get("turns") or it.get("source_ids") or it.get("evidence") or []
+            src = src if isinstance(src, list) else [src]
+            candidates.append((str(text), str(when) if when else None,
+                               _ids_in(" ".join(str(s) for s in src), known)))
+    elif isinstance(raw, str):
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            line = _BULLET.sub("", line, count=1)
+            when = None
+            if m := _DATE.match(line):
+                when, line = m.group(1), line[m.end():]
+            ids: list[str] = []
+            if m := _TURNS_TAIL.search(line):
+                ids, line = _ids_in(m.group(1), known), line[:m.start()]
+            bracket = re.findall(r"\[([^\]]+)\]", line)
+            for b in bracket:
+                ids.extend(i for i in _ids_in(b, known) if i not in ids)
+            line = re.sub(r"\[[^\]]*\]", "", line)
+            candidates.append((line, when, ids))
+    stats.lines += len(candidates)
+    out: list[ParsedObservation] = []
+    seen = seen if seen is not None else set()
+    for text, when, ids in candidates:
+        text = _clean_text(text)
+        who = speaker
+        for s in speakers:
+            if text.lower().startswith(s.lower() + ":"):
+                who, text = s, f"{s}: {text[len(s) + 1:].strip()}"
+        words = text.split()
+        if len(words) < 4:
+            stats.dropped["too_short"] += 1
+            continue
+        if len(words) > 80:
+            stats.dropped["too_long"] += 1
+            continue
+        if _PLACEHOLDER.search(text):
+            stats.dropped["template_echo"] += 1
+            continue
+        if _META.search(text):
+            stats.dropped["meta"] += 1
+            continue
+        key = re.sub(r"\W+", " ", text.lower()).strip()
+        if key in seen:
+            stats.dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        event_date = None
+        if when:
+            try:
+                event_date = date.fromisoformat(when.strip()[:10])
+            except ValueError:
+                stats.dropped["bad_date_kept_text"] += 1
+        event_date = event_date or _resolve_relative(text, report_date) or report_date
+        if not text.endswith((".", "!", "?")):
+            text += "."
+        out.append(ParsedObservation(text=text, event_date=event_date, source_ids=ids, speaker=who))
+        if len(out) >= max_items:
+            break
+    stats.kept += len(out)
+    return out
+
+
+class ObservationExtractor:
+    """Turns one session's turns into observations about each target speaker (one batched LLM call)."""
+
+    def __init__(self, engine: Engine, embedder: Embedder, cfg: MemoryConfig | None = None) -> None:
+        self.engine = engine
+        self.embedder = embedder
+        self.cfg = cfg or MemoryConfig()
+
+    def speakers(self, turns: Sequence[Turn]) -> list[str]:
+        seen = list(dict.fromkeys(t.speaker for t in turns))
+        if self.cfg.target_speakers:
+            return [s for s in seen if s in self.cfg.target_speakers]
+        return [s for s in seen if s.lower() != "assistant"]
+
+    @property
+    def compact(self) -> bool:
+        if self.cfg.extract_prompt == "auto":
+            return getattr(self.engine, "model_name", "") in SMALL_MODELS
+        return self.cfg.extract_prompt == "compact"
+
+    def prompt(self, turns: Sequence[Turn], speaker: str, report_date: date | None):
+        rd = report_date.isoformat() if report_date else "unknown"
+        if self.compact:
+            text = "\n".join(f"{t.speaker}: {t.text}" for t in turns)
+            user = prompts.EXTRACT_USER_COMPACT.format(
+                report_date=rd, session_date=turns[0].session_date or rd, transcript=text, speaker=speaker)
+            return msgs(("user", user))
+        yesterday = (report_date - timedelta(days=1)).isoformat() if report_date else "unknown"
+        user = prompts.EXTRACT_USER.format(
+            report_date=rd, session_date=turns[0].session_date or rd, transcript=transcript(turns),
+            max_items=self.cfg.max_observations_per_session, speaker=speaker, yesterday=yesterday)
+        return msgs(("system", prompts.EXTRACT_SYSTEM), ("user", user))
+
+    def extract(self, turns: Sequence[Turn]) -> tuple[list[Observation], ExtractionStats]:
+        """Observations of one session (all target speakers), with provenance."""
+        stats = ExtractionStats()
+        if not turns:
+            return [], stats
+        first = turns[0]
+        report_date = min(t.timestamp for t in turns).date()
+        speakers = self.speakers(turns)
+        if not speakers:
+            return [], stats
+        replies = self.engine.generate(
+            [self.prompt(turns, s, report_date) for s in speakers],
+            SamplingParams(max_new_tokens=self.cfg.extract_max_new_tokens))
+        known = [t.source_id for t in turns]
+        all_speakers = list(dict.fromkeys(t.speaker for t in turns))
+        obs: list[Observation] = []
+        seen: set[str] = set()
+        for speaker, reply in zip(speakers, replies, strict=True):
+            parsed = parse_observations(reply.text, known, report_date, speaker,
+                                        self.cfg.max_observations_per_session, stats, all_speakers, seen)
+            for p in parsed:
+                obs.append(Observation(
+                    observation_id=stable_id(first.tenant_id, first.user_id, first.session_id, speaker,
+                                             str(len(obs)), prefix="o"),
+                    tenant_id=first.tenant_id, user_id=first.user_id, session_id=first.session_id,
+                    speaker=p.speaker or speaker, text=p.text, event_date=p.event_date, report_date=report_date,
+                    source_ids=p.source_ids, index=len(obs)))
+        self._attribute(obs, turns, stats)
+        log.info("session %s: %d observations from %d lines (dropped %s)", first.session_id, len(obs),
+                 stats.lines, dict(stats.dropped))
+        return obs, stats
+
+    def _attribute(self, obs: list[Observation], turns: Sequence[Turn], stats: ExtractionStats) -> None:
+        """Provenance fallback: an observation that cites no turn gets the most similar turn(s) of its
+        speaker (at least `attribution_min_similarity`, else the single best one)."""
+        missing = [o for o in obs if not o.source_ids]
+        if not missing:
+            return
+        tv = self.embedder.embed([t.text for t in turns])
+        ov = self.embedder.embed([o.text for o in missing])
+        sims = ov @ tv.T
+        for o, row in zip(missing, sims, strict=True):
+            own = np.array([t.speaker == o.speaker for t in turns])
+            scores = np.where(own, row, row - 0.1)  # prefer the speaker's own turns
+            order = np.argsort(-scores)
+            picked = [turns[i].source_id for i in order[:2] if scores[i] >= self.cfg.attribution_min_similarity]
+            o.source_ids = picked or [turns[int(order[0])].source_id]
+            o.attributed = True
+            stats.attributed += 1

@@ -1,0 +1,68 @@
+"""Retriever: the top-k grounding for (tenant, user, query) and its size in serving-model tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from tsubasa.embed import Embedder
+from tsubasa.memory.evolve import dated
+from tsubasa.memory.store import MemoryStore
+
+Source = Literal["memories", "observations", "turns"]
+
+
+class GroundingItem(BaseModel):
+    id: str
+    text: str
+    """As shown to the model (dated)."""
+    score: float
+    source_ids: list[str] = Field(default_factory=list)
+
+
+class Grounding(BaseModel):
+    source: Source
+    items: list[GroundingItem]
+    text: str
+    """The lines put into the prompt."""
+    tokens: int
+    """Size of `text` under the serving model's tokenizer."""
+
+    @property
+    def source_ids(self) -> set[str]:
+        return {s for it in self.items for s in it.source_ids}
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+class Retriever:
+    """Top-k retrieval over a user's memories (default), extracted observations or raw turns."""
+
+    def __init__(self, store: MemoryStore, embedder: Embedder,
+                 count_tokens: Callable[[str], int] | None = None) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.count_tokens = count_tokens or _words
+
+    def retrieve(self, tenant_id: str, user_id: str, query: str, k: int = 3,
+                 source: Source = "memories") -> Grounding:
+        vec = self.embedder.embed([query])[0]
+        items: list[GroundingItem] = []
+        if k > 0 and source == "memories":
+            items = [GroundingItem(id=m.memory_id, text=dated(m.text, m.event_date), score=m.score or 0.0,
+                                   source_ids=m.source_ids)
+                     for m in self.store.search_memories(tenant_id, user_id, vec, k)]
+        elif k > 0 and source == "observations":
+            items = [GroundingItem(id=o.observation_id, text=dated(o.text, o.event_date), score=s,
+                                   source_ids=o.source_ids)
+                     for o, s in self.store.search_observations(tenant_id, user_id, vec, k)]
+        elif k > 0 and source == "turns":
+            items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id],
+                                   text=f"[{t.session_date or t.timestamp.date()}] {t.speaker}: {t.text}")
+                     for t, s in self.store.search_turns(tenant_id, user_id, vec, k)]
+        text = "\n".join(f"- {it.text}" for it in items)
+        return Grounding(source=source, items=items, text=text, tokens=self.count_tokens(text) if text else 0)
