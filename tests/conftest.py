@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-sys.path.insert(0, str(Path(__file__).parent))  # tests/support
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # `from scripted import ScriptedEngine`
 
 LOCOMO = Path(os.environ.get("TSUBASA_LOCOMO", Path(__file__).resolve().parents[1] / "../shared/data/locomo10.json"))
 MODEL_CACHE = Path(os.environ.get("TSUBASA_TEST_MODEL_CACHE", Path.home() / ".cache" / "tsubasa" / "models"))

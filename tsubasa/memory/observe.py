@@ -32,9 +32,9 @@ _DATE = re.compile(r"^\s*[\[(]?\s*(\d{4}-\d{2}-\d{2})\s*[\])]?\s*[:\-–—]?\s*
 _TURNS_TAIL = re.compile(r"\(\s*(?:turns?|ids?|sources?|from)\s*[:=]?\s*([^)]*)\)\s*\.?\s*$", re.I)
 _ID_TOKEN = re.compile(r"[A-Za-z0-9_.@:-]+")
 _META = re.compile(
-    r"\b(this|the) (conversation|chat|session|dialogue)\b|\b(is|was|seems|appears|being) (very |really |quite )?"
-    r"(supportive|friendly|kind|nice|helpful|encouraging|polite|enthusiastic|excited to chat|happy to chat)\b"
-    r"\s*[.!]?$|^(sure|here are|observations?:|note:)",
+    r"\b(this|the) (conversation|chat|session|dialogue)\b|\b(is|was|seems|appears|being) (very |really |quite |so )?"
+    r"(supportive|friendly|nice|helpful|encouraging|polite|enthusiastic|excited to chat|happy to chat)\b"
+    r"|^(sure|here are|observations?:|note:)",
     re.I,
 )
 _PLACEHOLDER = re.compile(r"YYYY|<[^>]+>|\bobservation\b\s*\(turns", re.I)

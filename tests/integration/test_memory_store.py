@@ -1,0 +1,95 @@
+"""Real Milvus Lite: tenant isolation, idempotent turn log, versioned memories, injection refusal."""
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from tsubasa.schema import EvolutionOp, InvalidIdentifierError, MemoryRecord, Turn
+
+pytestmark = pytest.mark.integration
+
+
+def _turns(tenant, user, texts, session="s1"):
+    t0 = datetime(2023, 5, 8, tzinfo=UTC)
+    return [Turn(event_id=f"{session}-e{i}", tenant_id=tenant, user_id=user, session_id=session, speaker="Ann",
+                 text=tx, timestamp=t0 + timedelta(seconds=i), source_id=f"D1:{i}", seq=i)
+            for i, tx in enumerate(texts)]
+
+
+def _mem(tenant, user, mid, text, version=1):
+    now = datetime.now(UTC)
+    return MemoryRecord(memory_id=mid, tenant_id=tenant, user_id=user, text=text, version=version,
+                        created_at=now, updated_at=now)
+
+
+def test_turn_log_is_idempotent_by_event_id(store, embedder):
+    turns = _turns("acme", "u1", ["I adopted a dog named Max.", "We went hiking in Colorado."])
+    vecs = embedder.embed([t.text for t in turns])
+    assert store.upsert_turns(turns, vecs) == 2
+    assert store.upsert_turns(turns, vecs) == 0  # replay stores nothing new
+    assert len(store.session_turns("acme", "u1", "s1")) == 2
+    assert [t.source_id for t in store.session_turns("acme", "u1", "s1")] == ["D1:0", "D1:1"]
+
+
+def test_two_tenants_with_the_same_user_id_never_see_each_other(store, embedder):
+    a = _turns("acme", "u1", ["Acme secret: my password hint is blue whale."])
+    b = _turns("globex", "u1", ["Globex fact: I collect vintage stamps."])
+    store.upsert_turns(a, embedder.embed([t.text for t in a]))
+    store.upsert_turns(b, embedder.embed([t.text for t in b]))
+    q = embedder.embed(["What is the password hint?"])[0]
+    for tenant, other_word in (("acme", "Globex"), ("globex", "Acme")):
+        hits = store.search_turns(tenant, "u1", q, 10)
+        assert hits and all(t.tenant_id == tenant and other_word not in t.text for t, _ in hits)
+        assert all(t.tenant_id == tenant for t in store.list_turns(tenant, "u1"))
+    vec = embedder.embed(["Acme memory"])[0]
+    store.write_memory(_mem("acme", "u1", "m-acme", "Acme memory about u1"), vec, EvolutionOp.ADD, "o1")
+    store.write_memory(_mem("globex", "u1", "m-globex", "Globex memory about u1"), vec, EvolutionOp.ADD, "o2")
+    assert [m.memory_id for m in store.search_memories("acme", "u1", vec, 10)] == ["m-acme"]
+    assert store.get_memory("acme", "u1", "m-globex") is None  # knowing the id is not enough
+    assert store.memory_history("acme", "u1", "m-globex") == []
+    deleted = store.forget_user("acme", "u1")
+    assert deleted["turns"] == 1 and deleted["memories"] == 1
+    assert store.list_turns("acme", "u1") == [] and store.list_memories("acme", "u1") == []
+    assert len(store.list_turns("globex", "u1")) == 1 and len(store.list_memories("globex", "u1")) == 1
+    assert store.counts() == {("globex", "u1"): {"turns": 1, "observations": 0, "memories": 1, "history": 1}}
+
+
+def test_versions_are_kept(store, embedder):
+    vec = embedder.embed(["x"])[0]
+    store.write_memory(_mem("acme", "u1", "m1", "Ann lives in Boston."), vec, EvolutionOp.ADD, "o1")
+    store.write_memory(_mem("acme", "u1", "m1", "On 2023-05-01 Ann lived in Boston; on 2023-07-01 Ann lives "
+                            "in Denver.", version=2), vec, EvolutionOp.RECONCILE, "o2")
+    hist = store.memory_history("acme", "u1", "m1")
+    assert [(v.version, v.op) for v in hist] == [(1, EvolutionOp.ADD), (2, EvolutionOp.RECONCILE)]
+    assert hist[0].text == "Ann lives in Boston."
+    assert store.get_memory("acme", "u1", "m1")[0].version == 2
+    assert len(store.list_memories("acme", "u1")) == 1
+
+
+def test_filter_injection_is_rejected_before_milvus(store):
+    q = np.zeros(384, dtype=np.float32)
+    q[0] = 1
+    for bad in ('u1" or tenant_id != "x', "u1' || 1==1", "../../x", 'a" and id > "'):
+        with pytest.raises(InvalidIdentifierError, match="not a valid identifier"):
+            store.search_memories("acme", bad, q, 3)
+        with pytest.raises(InvalidIdentifierError):
+            store.list_turns(bad, "u1")
+        with pytest.raises(InvalidIdentifierError):
+            store.forget_user("acme", bad)
+        with pytest.raises(InvalidIdentifierError):
+            store.memory_history("acme", "u1", bad)
+
+
+def test_store_survives_reopen(settings, embedder):
+    from tsubasa.memory.store import MilvusStore
+
+    s1 = MilvusStore(settings.milvus, uri=settings.milvus_uri)
+    turns = _turns("acme", "u9", ["Persistent turn about sailing."])
+    s1.upsert_turns(turns, embedder.embed([t.text for t in turns]))
+    s1.close()
+    s2 = MilvusStore(settings.milvus, uri=settings.milvus_uri)
+    try:
+        assert [t.text for t in s2.list_turns("acme", "u9")] == ["Persistent turn about sailing."]
+    finally:
+        s2.close()
