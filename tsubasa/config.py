@@ -117,6 +117,37 @@ class DistillConfig(BaseModel):
     grounding_k: int = Field(3, ge=0, le=100)
     """Memories the student sees (explicit grounding); 0 = the no-grounding variant."""
     seed: int = 0
+    synth_mode: Literal["llm", "template", "auto"] = "auto"
+    """QA synthesis: `llm` (the model writes QA per fact), `template` (deterministic cloze QA from
+    the facts, for random/tiny models), `auto` (llm, topped up with templates if too few survive)."""
+    synth_max_new_tokens: int = Field(64, ge=8, le=1024)
+    max_question_words: int = Field(30, ge=3, le=200)
+    max_answer_words: int = Field(12, ge=1, le=200)
+    """Over-long filter: QA with longer answers are dropped."""
+    min_answer_support: float = Field(0.5, ge=0.0, le=1.0)
+    """Unanswerable filter: share of the answer's content words that must occur in its source fact."""
+    dedup_similarity: float = Field(0.92, gt=0.0, le=1.0)
+    """Near-duplicate filter: questions at least this similar (embedding cosine) to a kept one are dropped."""
+    heldout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    """Share of a user's QA kept out of training (internalisation measure)."""
+    teacher_answer: Literal["gold", "teacher"] = "gold"
+    """Continuation the teacher scores: the synthetic gold answer, or the teacher's own greedy answer."""
+    teacher_context_tokens: int = Field(1536, ge=64, le=1_000_000)
+    """Token budget of the teacher's rich context (source session + memories)."""
+    teacher_memories: int = Field(20, ge=0, le=10_000)
+    """Memories (most similar to the question first) the teacher sees beside the source session."""
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    vanilla_chunk_tokens: int = Field(256, ge=16, le=65536)
+    """Vanilla baseline: raw-conversation chunk length for LM fine-tuning."""
+    work_dir: str = ""
+    """Caches (QA, teacher targets) and job checkpoints. Empty: `<data_dir>/distill`."""
+
+    @model_validator(mode="after")
+    def _d_and_loss(self) -> DistillConfig:
+        if self.loss == "ce_gold" and self.renormalize_student:
+            raise ValueError("renormalize_student applies to loss=topd_kl only")
+        return self
 
 
 class AdapterConfig(BaseModel):
@@ -135,6 +166,39 @@ class ServeConfig(BaseModel):
     request_timeout_s: float = Field(120.0, gt=0)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     llm_replicas: int = Field(1, ge=1)
+    """LLM replicas (the autoscaler's start value when `autoscaling` is on)."""
+    gateway_replicas: int = Field(1, ge=1)
+    """Gateway replicas; more than one needs a shared Milvus (`milvus-lite server` or a cluster)."""
+    autoscaling: bool = False
+    """Scale LLM replicas between `min_replicas` and `max_replicas` on ongoing requests."""
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    adapters_per_replica: int = Field(8, ge=1)
+    """LoRA adapters kept loaded per LLM replica (Serve multiplexing LRU)."""
+    llm_max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one LLM replica holds at once (batched together, see `max_batch_size`)."""
+    llm_max_queued_requests: int = Field(128, ge=0)
+    """Requests waiting for an LLM replica before the gateway answers 503."""
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    """Concurrent requests merged into one mixed-adapter engine call."""
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
+    max_completion_tokens: int = Field(512, ge=1)
+    """Upper bound on `max_tokens` a client may ask for."""
+    session_queue_size: int = Field(256, ge=1)
+    """Closed sessions waiting for memory evolution in one gateway replica (`/v1/events` answers 429 beyond)."""
+    retry_after_s: int = Field(1, ge=1)
+    """Retry-After seconds sent with 429/503."""
+    ray_address: str = ""
+    """Ray cluster to join (`auto`, `ray://...`); empty = start a local Ray."""
+    ray_num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of a local Ray (default: the machine's)."""
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeConfig:
+        if self.autoscaling and not self.min_replicas <= self.llm_replicas <= self.max_replicas:
+            raise ValueError("with autoscaling, min_replicas <= llm_replicas <= max_replicas must hold")
+        return self
 
 
 class KafkaConfig(BaseModel):
@@ -209,6 +273,10 @@ class Settings(BaseSettings):
     @property
     def adapter_root(self) -> str:
         return self.adapters.root or str(self.data_dir / "adapters")
+
+    @property
+    def distill_dir(self) -> str:
+        return self.distill.work_dir or str(self.data_dir / "distill")
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
