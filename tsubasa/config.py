@@ -202,14 +202,47 @@ class ServeConfig(BaseModel):
 
 
 class KafkaConfig(BaseModel):
+    """Streaming ingestion (`tsubasa ingest run`, services/ingest): Kafka -> Ray actors -> memory."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "tsubasa.events"
     dead_letter_topic: str = "tsubasa.events.dlq"
     group_id: str = "tsubasa-ingest"
+    """Consumer group whose committed offsets record what is durable (partitions are assigned by the
+    ingest service, not by group rebalancing)."""
     session_idle_timeout_s: float = Field(1800.0, gt=0)
+    """A session with no new event for this long, on a partition read to its end, is closed."""
     max_retries: int = Field(3, ge=0)
+    """Retries of a failing session (or event) before it goes to the dead-letter topic."""
+    retry_backoff_s: float = Field(0.5, ge=0)
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    partitions: int = Field(8, ge=1, le=10_000)
+    """Partitions of the event topic when the ingest service creates it."""
+    consumers: int = Field(2, ge=1, le=1024)
+    """Consumer actors; partitions are split between them (at most one actor per partition)."""
+    writers: int = Field(2, ge=1, le=1024)
+    """Session-writer actors, sharded by hash(tenant:user): a user's sessions apply in order."""
+    max_poll_records: int = Field(500, ge=1, le=100_000)
+    max_pending_sessions: int = Field(64, ge=1)
+    """Back-pressure: a consumer pauses its partitions while this many closed sessions wait."""
+    commit_interval_s: float = Field(1.0, gt=0)
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    actor_num_cpus: float = Field(0.25, ge=0)
+    """Logical CPUs Ray reserves per ingest actor."""
+    actor_torch_threads: int = Field(1, ge=1, le=256)
+    """Intra-op threads per actor (several actors share the cores; 1 is fastest on small machines)."""
+
+    @model_validator(mode="after")
+    def _sasl(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError("security_protocol SASL_* needs sasl_username and sasl_password")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        return self
 
 
 class EvalConfig(BaseModel):

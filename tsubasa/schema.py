@@ -17,6 +17,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 MAX_TEXT_CHARS = 16_000
 MAX_METADATA_BYTES = 4_096
+MAX_EVENT_BYTES = 65_536
+"""Largest encoded event accepted (bytes of JSON); text and metadata limits apply inside it."""
 EVENT_SCHEMA_VERSION = 1
 
 
@@ -113,6 +115,48 @@ class Event(BaseModel):
             seq=int(self.metadata.get("seq", seq)),
             session_date=str(self.metadata.get("session_date", "")),
         )
+
+
+class InvalidEventError(ValueError):
+    """An event that cannot be accepted; the message names the field (`user_id: ...`)."""
+
+
+def parse_event(raw: bytes | str | dict[str, Any], key: bytes | str | None = None) -> Event:
+    """Decode and validate one event (Kafka message value, HTTP item or dict).
+
+    Raises InvalidEventError with one line per problem, each naming the field. When `key` is given
+    (a Kafka message key) it must equal `tenant:user`, so that one partition owns each user.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    if isinstance(raw, bytes | bytearray | str):
+        size = len(raw.encode() if isinstance(raw, str) else raw)
+        if size > MAX_EVENT_BYTES:
+            raise InvalidEventError(f"event is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit")
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidEventError(f"not valid JSON: {exc}") from None
+    else:
+        data = raw
+    if not isinstance(data, dict):
+        raise InvalidEventError(f"event must be a JSON object, got {type(data).__name__}")
+    try:
+        event = Event.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "event"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}")
+        raise InvalidEventError("; ".join(lines)) from None
+    if key is not None:
+        k = key.decode(errors="replace") if isinstance(key, bytes | bytearray) else key
+        if k != event.key:
+            raise InvalidEventError(f"key: message key {k!r} is not tenant_id:user_id {event.key!r}")
+    return event
 
 
 class Turn(BaseModel):
