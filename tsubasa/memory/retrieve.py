@@ -34,6 +34,16 @@ class Grounding(BaseModel):
     def source_ids(self) -> set[str]:
         return {s for it in self.items for s in it.source_ids}
 
+    def top(self, k: int, count_tokens: Callable[[str], int]) -> Grounding:
+        """The first k items as their own grounding (for sweeping k with one search)."""
+        items = self.items[:k]
+        text = format_grounding(items)
+        return Grounding(source=self.source, items=items, text=text, tokens=count_tokens(text) if text else 0)
+
+
+def format_grounding(items: list[GroundingItem]) -> str:
+    return "\n".join(f"- {it.text}" for it in items)
+
 
 def _words(text: str) -> int:
     return len(text.split())
@@ -64,5 +74,5 @@ class Retriever:
             items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id],
                                    text=f"[{t.session_date or t.timestamp.date()}] {t.speaker}: {t.text}")
                      for t, s in self.store.search_turns(tenant_id, user_id, vec, k)]
-        text = "\n".join(f"- {it.text}" for it in items)
+        text = format_grounding(items)
         return Grounding(source=source, items=items, text=text, tokens=self.count_tokens(text) if text else 0)

@@ -1,0 +1,149 @@
+"""Evidence recall@k on LoCoMo: utterance RAG vs observation memories.
+
+For every scored LoCoMo question (categories 1-4) with evidence, a method "covers" it at k when every
+evidence turn id is in the provenance of its top-k retrieved items (per-conversation retrieval,
+MiniLM embeddings, Milvus). Methods:
+  utterance-rag     raw turns (the turn log)
+  locomo-obs        LoCoMo's own GPT-written `observation` field (carries turn ids): strong extractor
+  tsubasa-evolved   our evolved memories (from an ingested Milvus db, where given)
+  tsubasa-observed  our extracted observations before evolution (same db)
+Mean grounding tokens are counted with the serving model's tokenizer.
+
+    .venv/bin/python benchmarks/retrieval.py --memory-db .tsubasa/conv26/milvus.db --memory-tenant bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tsubasa.config import MilvusConfig, ModelConfig
+from tsubasa.embed import load_embedder
+from tsubasa.eval.locomo import LocomoNotFoundError, load_locomo, session_events
+from tsubasa.llm.models import load_tokenizer
+from tsubasa.memory.retrieve import Retriever
+from tsubasa.memory.store import MilvusStore
+from tsubasa.memory.writer import MemoryWriter
+from tsubasa.schema import Observation, stable_id
+
+UTT, LOCOMO_OBS = "bench-utt", "bench-locomo-obs"
+
+
+def _recall(retriever: Retriever, tenant: str, user: str, qa, ks: list[int], source: str, count) -> dict:
+    hits = {k: 0 for k in ks}
+    tokens: dict[int, list[int]] = {k: [] for k in ks}
+    for q in qa:
+        full = retriever.retrieve(tenant, user, q.question, k=max(ks), source=source)
+        for k in ks:
+            g = full.top(k, count)
+            hits[k] += int(set(q.evidence) <= g.source_ids)
+            tokens[k].append(g.tokens)
+    return {k: {"covered": hits[k], "tokens": tokens[k]} for k in ks}
+
+
+def _merge(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        t = total.setdefault(k, {"covered": 0, "tokens": []})
+        t["covered"] += v["covered"]
+        t["tokens"].extend(v["tokens"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conversations", default="all", help="comma-separated sample ids or 'all'")
+    ap.add_argument("--ks", default="1,3,5,10")
+    ap.add_argument("--memory-db", type=Path, help="Milvus Lite file with ingested conversations (copied first)")
+    ap.add_argument("--memory-tenant", default="bench")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer used for token counts")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval.json"))
+    args = ap.parse_args()
+    ks = [int(k) for k in args.ks.split(",")]
+    try:
+        convs = load_locomo()
+    except LocomoNotFoundError as exc:
+        print(f"skipped: {exc}")
+        return 0
+    if args.conversations != "all":
+        want = set(args.conversations.split(","))
+        convs = [c for c in convs if c.sample_id in want]
+    t0 = time.perf_counter()
+    embedder = load_embedder()
+    tok = load_tokenizer(args.model, ModelConfig().cache_dir)
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    work = Path(tempfile.mkdtemp(prefix="tsubasa-retrieval-"))
+    store = MilvusStore(MilvusConfig(), uri=str(work / "index.db"))
+    writer = MemoryWriter(store, embedder, engine=None)
+    retriever = Retriever(store, embedder, count)
+    mem_store = mem_retriever = None
+    if args.memory_db:
+        copy = work / "memory.db"
+        shutil.copy(args.memory_db, copy)  # Milvus Lite is single-process: never open the original
+        mem_store = MilvusStore(MilvusConfig(), uri=str(copy))
+        mem_retriever = Retriever(mem_store, embedder, count)
+
+    totals: dict[str, dict] = {}
+    per_conv: dict[str, dict] = {}
+    n_questions = 0
+    for conv in convs:
+        qa = [q for q in conv.qa if q.scored and q.evidence]
+        n_questions += len(qa)
+        user = conv.sample_id
+        events = [e for s in conv.sessions for e in session_events(conv, s, UTT, user, close=False)]
+        writer.append(events)
+        obs = [Observation(observation_id=stable_id(LOCOMO_OBS, user, str(si), str(i), prefix="o"),
+                           tenant_id=LOCOMO_OBS, user_id=user, session_id=f"session_{si}", speaker=sp, text=text,
+                           report_date=conv.session(si).when.date(), source_ids=ev, index=i)
+               for si, items in conv.observations.items() for i, (sp, text, ev) in enumerate(items)]
+        store.upsert_observations(obs, embedder.embed([o.text for o in obs]))
+        results = {"utterance-rag": _recall(retriever, UTT, user, qa, ks, "turns", count),
+                   "locomo-obs": _recall(retriever, LOCOMO_OBS, user, qa, ks, "observations", count)}
+        if mem_store is not None and mem_store.list_memories(args.memory_tenant, user):
+            results["tsubasa-evolved"] = _recall(mem_retriever, args.memory_tenant, user, qa, ks, "memories", count)
+            results["tsubasa-observed"] = _recall(mem_retriever, args.memory_tenant, user, qa, ks,
+                                                  "observations", count)
+            results["utterance-rag (same convs)"] = results["utterance-rag"]
+        per_conv[user] = {m: {k: r[k]["covered"] / max(1, len(qa)) for k in ks} for m, r in results.items()}
+        per_conv[user]["questions"] = len(qa)
+        for method, r in results.items():
+            _merge(totals.setdefault(method, {"questions": 0}), r)
+            totals[method]["questions"] += len(qa)
+        print(f"{user}: {len(qa)} questions, " + ", ".join(
+            f"{m}@{ks[1]}={v[ks[1]]:.2f}" for m, v in per_conv[user].items() if m != "questions"), flush=True)
+
+    summary = {}
+    print(f"\nEvidence recall@k (all evidence ids covered), {len(convs)} conversation(s), {n_questions} questions")
+    print(f"{'method':28s} {'n':>5s} " + " ".join(f"{'R@' + str(k):>7s}" for k in ks) + "   mean tokens @k")
+    for method, t in totals.items():
+        n = t["questions"]
+        rec = {k: t[k]["covered"] / n for k in ks}
+        tok_k = {k: statistics.fmean(t[k]["tokens"]) for k in ks}
+        summary[method] = {"questions": n, "recall": rec, "mean_tokens": tok_k,
+                           "median_tokens": {k: float(np.median(t[k]["tokens"])) for k in ks}}
+        print(f"{method:28s} {n:5d} " + " ".join(f"{rec[k]:7.3f}" for k in ks) + "   "
+              + " / ".join(f"{tok_k[k]:.0f}" for k in ks))
+    elapsed = time.perf_counter() - t0
+    print(f"elapsed {elapsed:.1f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"ks": ks, "conversations": [c.sample_id for c in convs],
+                                    "tokenizer": args.model, "memory_db": str(args.memory_db or ""),
+                                    "summary": summary, "per_conversation": per_conv,
+                                    "elapsed_s": elapsed, "command": " ".join(sys.argv)}, indent=2))
+    print(f"wrote {args.out}")
+    store.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
