@@ -256,7 +256,8 @@ class MilvusStore:
 
     def session_turns(self, tenant_id: str, user_id: str, session_id: str) -> list[Turn]:
         rows = self._query_all(TURNS, scope_filter(tenant_id, user_id, session_id=session_id), self._TURN_FIELDS)
-        return sorted((self._turn(r) for r in rows), key=lambda t: (t.seq, t.timestamp, t.event_id))
+        # timestamps order a session; seq breaks ties (events may arrive in several batches)
+        return sorted((self._turn(r) for r in rows), key=lambda t: (t.timestamp, t.seq, t.event_id))
 
     def list_turns(self, tenant_id: str, user_id: str) -> list[Turn]:
         rows = self._query_all(TURNS, scope_filter(tenant_id, user_id), self._TURN_FIELDS)
