@@ -7,6 +7,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 
 import pytest
 import yaml
@@ -145,21 +146,33 @@ def test_default_images_follow_app_version():
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
 def test_config_file_is_accepted_by_tsubasa_settings(value_set, tmp_path, monkeypatch):
-    """The TSUBASA_CONFIG document the chart renders loads with the application's own settings
-    (unknown keys and bad values are refused there), and carries the chart's wiring."""
+    """The TSUBASA_CONFIG document the chart renders, with the env of the rendered ingest pod (Secret
+    references filled with stand-ins), loads with the application's own settings: unknown keys and
+    bad values are refused there, so chart and code cannot drift apart silently."""
     from tsubasa.config import load_settings
 
-    for var in [v for v in __import__("os").environ if v.startswith("TSUBASA_")]:
+    for var in [v for v in os.environ if v.startswith(("TSUBASA_", "AWS_", "HF_"))]:
         monkeypatch.delenv(var)
     docs = render(VALUE_SETS[value_set])
     text = one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"]
     path = tmp_path / "config.yaml"
     path.write_text(text)
-    settings = load_settings(path)
+    pod = one(docs, "Deployment", f"{FULLNAME}-ingest")["spec"]["template"]["spec"]
+    for e in pod["containers"][0]["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        value = f"from-secret-{ref['name']}" if ref else e.get("value")
+        if value is not None:
+            monkeypatch.setenv(e["name"], value)
+    monkeypatch.setenv("TSUBASA_CONFIG", str(path))
+    settings = load_settings()
     assert settings.kafka.topic == "tsubasa.events"
     assert settings.kafka.dead_letter_topic == "tsubasa.events.dlq"
     assert settings.serve.host == "0.0.0.0" and settings.serve.port == 8000
-    assert settings.milvus.token is None and settings.kafka.sasl_password is None  # secrets come from env
+    # Secrets arrive through env from Secrets, never through the config file.
+    assert "token" not in yaml.safe_load(text)["milvus"] and "sasl_password" not in yaml.safe_load(text)["kafka"]
+    if value_set == "large":
+        assert settings.milvus.token.get_secret_value() == "from-secret-milvus-token"
+        assert settings.kafka.sasl_password.get_secret_value() == "from-secret-tsubasa-kafka-user"
     expected_uri = {"default": "http://milvus.milvus.svc.cluster.local:19530",
                     "small": f"http://{FULLNAME}-milvus-lite:19530",
                     "large": "https://milvus.vector.svc.cluster.local:19530"}[value_set]
@@ -247,14 +260,19 @@ def test_external_kafka_without_strimzi():
     assert config["kafka"]["bootstrap_servers"] == "broker-1:9092,broker-2:9092"
 
 
-def test_ingest_deployment():
+def test_ingest_service_is_a_single_recreated_pod():
+    """One ingest service owns the topic's partitions (services/ingest/service.py): never two pods."""
     docs = render(VALUE_SETS["large"])
     dep = one(docs, "Deployment", f"{FULLNAME}-ingest")
-    assert dep["spec"]["replicas"] == 6
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["tsubasa", "ingest", "run"]
     assert c["image"] == "registry.example.com/ml/tsubasa:0.1.0"
-    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert not find(docs, "PodDisruptionBudget")
+    config = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
+    assert config["kafka"]["consumers"] == 8 and config["kafka"]["partitions"] == 24
+    assert config["kafka"]["security_protocol"] == "SASL_SSL" and config["kafka"]["sasl_username"] == "tsubasa"
 
 
 def test_milvus_subchart_wiring():
@@ -383,7 +401,8 @@ BAD_VALUES = [
     ({"distill": {"scheduler": "airflow"}}, "distill.scheduler must be one of cronjob, raycronjob"),
     ({"distill": {"schedule": "daily"}}, "distill.schedule must have 5 cron fields"),
     ({"distill": {"tenants": ["acme corp"]}}, "is not a valid tenant id"),
-    ({"ingest": {"replicas": 40}}, "exceeds kafka.topics.events.partitions"),
+    ({"ingest": {"replicas": 3}}, "ingest.replicas is not a setting"),
+    ({"kafka": {"securityProtocol": "SASL_SSL"}}, "needs kafka.sasl.username and kafka.sasl.existingSecret"),
     ({"rayService": {"gpuWorkers": {"enabled": False}}}, "config.model.engine=vllm needs rayService.gpuWorkers"),
 ]
 

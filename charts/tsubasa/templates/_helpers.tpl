@@ -117,8 +117,11 @@ app.kubernetes.io/component: {{ .component }}
   "adapters" (dict "root" (include "tsubasa.adapterRoot" .))
   "serve" (dict "host" "0.0.0.0" "port" 8000)
 }}
+{{- $_ := set $owned.kafka "security_protocol" .Values.kafka.securityProtocol }}
+{{- $_ := set $owned.kafka "partitions" (int .Values.kafka.topics.events.partitions) }}
 {{- if .Values.kafka.sasl.username }}
 {{- $_ := set $owned.kafka "sasl_username" .Values.kafka.sasl.username }}
+{{- $_ := set $owned.kafka "sasl_mechanism" .Values.kafka.saslMechanism }}
 {{- end }}
 {{- $doc := mergeOverwrite (deepCopy .Values.config) $owned }}
 {{- toYaml $doc }}
@@ -385,6 +388,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "tsubasa.assertPositiveInt" (list (printf "kafka.topics.%s.replicas" $key) $t.replicas 1) }}
 {{- include "tsubasa.assertMap" (list (printf "kafka.topics.%s.config" $key) $t.config) }}
 {{- end }}
+{{- include "tsubasa.assertOneOf" (list "kafka.securityProtocol" $v.kafka.securityProtocol (list "PLAINTEXT" "SSL" "SASL_PLAINTEXT" "SASL_SSL")) }}
+{{- include "tsubasa.assertOneOf" (list "kafka.saslMechanism" $v.kafka.saslMechanism (list "PLAIN" "SCRAM-SHA-256" "SCRAM-SHA-512")) }}
+{{- if and (hasPrefix "SASL" $v.kafka.securityProtocol) (not (and $v.kafka.sasl.username $v.kafka.sasl.existingSecret)) }}
+{{- fail (printf "values: kafka.securityProtocol=%s needs kafka.sasl.username and kafka.sasl.existingSecret" $v.kafka.securityProtocol) }}
+{{- end }}
 {{- if eq $v.kafka.topics.events.name $v.kafka.topics.deadLetter.name }}
 {{- fail "values: kafka.topics.deadLetter.name must differ from kafka.topics.events.name" }}
 {{- end }}
@@ -424,12 +432,12 @@ app.kubernetes.io/component: {{ .component }}
 {{/* ingestion */}}
 {{- if $v.ingest.enabled }}
 {{- include "tsubasa.assertPlacement" (list "ingest" $v.ingest) }}
-{{- include "tsubasa.assertPositiveInt" (list "ingest.replicas" $v.ingest.replicas 0) }}
+{{- if hasKey $v.ingest "replicas" }}
+{{- fail "values: ingest.replicas is not a setting: one ingest service owns the topic's partitions; scale with config.kafka.consumers / config.kafka.writers and ingest.resources" }}
+{{- end }}
+{{- include "tsubasa.assertPositiveInt" (list "ingest.gpus" $v.ingest.gpus 0) }}
 {{- include "tsubasa.assertList" (list "ingest.command" $v.ingest.command) }}
 {{- include "tsubasa.assertList" (list "ingest.args" $v.ingest.args) }}
-{{- if gt (int $v.ingest.replicas) (int $v.kafka.topics.events.partitions) }}
-{{- fail (printf "values: ingest.replicas (%d) exceeds kafka.topics.events.partitions (%d): extra consumers would sit idle" (int $v.ingest.replicas) (int $v.kafka.topics.events.partitions)) }}
-{{- end }}
 {{- end }}
 {{/* distillation */}}
 {{- $d := $v.distill }}
