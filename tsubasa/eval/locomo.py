@@ -21,6 +21,9 @@ from tsubasa.schema import Event, EventKind
 
 CATEGORY_NAMES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
 SCORED_CATEGORIES = (1, 2, 3, 4)  # category 5 is excluded from F1 / BLEU-1 / J, as in the paper
+CATEGORY_IDS = {name: cid for cid, name in CATEGORY_NAMES.items()}
+SPLITS = {"train": (1,), "validation": (2,), "test": tuple(range(3, 11))}
+"""Memory-R1's split, by 1-based position in locomo10.json: conversation 1 trains, 2 validates, 3-10 test."""
 _EVIDENCE = re.compile(r"D:?(\d+):(\d+)")
 _SESSION_KEY = re.compile(r"^session_(\d+)$")
 DEFAULT_PATHS = ("../shared/data/locomo10.json", "shared/data/locomo10.json")
@@ -75,6 +78,8 @@ class LocomoSession(BaseModel):
 
 
 class LocomoQA(BaseModel):
+    qa_id: str = ""
+    """Stable id `<sample_id>.q<index>` (index in the file's `qa` list, from 0)."""
     question: str
     answer: str | None
     category: int
@@ -127,9 +132,10 @@ def _conversation(raw: dict) -> LocomoConversation:
             turns=[LocomoTurn(dia_id=t["dia_id"], speaker=t["speaker"], text=_turn_text(t)) for t in turns]))
     sessions.sort(key=lambda s: s.index)
     qa = []
-    for q in raw.get("qa", []):
+    for i, q in enumerate(raw.get("qa", [])):
         ans = q.get("answer")
-        qa.append(LocomoQA(question=q["question"], answer=None if ans is None else str(ans),
+        qa.append(LocomoQA(qa_id=f"{raw['sample_id']}.q{i:03d}", question=q["question"],
+                           answer=None if ans is None else str(ans),
                            category=int(q["category"]), evidence=normalise_evidence(q.get("evidence", [])),
                            adversarial_answer=q.get("adversarial_answer")))
     obs: dict[int, list[tuple[str, str, list[str]]]] = {}
@@ -162,6 +168,64 @@ def get_conversation(conv_id: str, path: str | Path | None = None) -> LocomoConv
         if c.sample_id == conv_id:
             return c
     raise KeyError(f"no LoCoMo conversation {conv_id!r}; have {', '.join(c.sample_id for c in convs)}")
+
+
+def category_id(value: int | str) -> int:
+    """A category given by id (1-5) or name (`multi-hop`, `temporal`, ...) -> its id."""
+    text = str(value).strip().lower()
+    if text.isdigit() and int(text) in CATEGORY_NAMES:
+        return int(text)
+    if text in CATEGORY_IDS:
+        return CATEGORY_IDS[text]
+    raise ValueError(f"unknown LoCoMo category {value!r}: use 1-5 or one of {', '.join(CATEGORY_IDS)}")
+
+
+def parse_categories(spec: str | None) -> list[int]:
+    """'1-4' / '1,3' / 'temporal,single-hop' / 'all' -> sorted category ids."""
+    if not spec or spec == "all":
+        return list(CATEGORY_NAMES)
+    picked: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if "-" in part and all(x.strip().isdigit() for x in part.split("-", 1)):
+            a, b = (int(x) for x in part.split("-", 1))
+            if a > b:
+                raise ValueError(f"empty category range {part!r}")
+            picked.update(category_id(i) for i in range(a, b + 1))
+        else:
+            picked.add(category_id(part))
+    if not picked:
+        raise ValueError("no category selected")
+    return sorted(picked)
+
+
+def select_conversations(convs: list[LocomoConversation], spec: str | None) -> list[LocomoConversation]:
+    """Conversations by sample id (`conv-26,conv-30`), 1-based position (`1-3`), Memory-R1 split
+    name (`train`, `validation`, `test`) or `all`; order follows the file."""
+    if not spec or spec == "all":
+        return list(convs)
+    by_id = {c.sample_id: c for c in convs}
+    positions: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part in SPLITS:
+            positions.extend(SPLITS[part])
+        elif part in by_id:
+            positions.append(convs.index(by_id[part]) + 1)
+        else:
+            try:
+                positions.extend(parse_range(part, list(range(1, len(convs) + 1))))
+            except ValueError:
+                raise ValueError(f"unknown conversation {part!r}: use a sample id ({convs[0].sample_id}, ...), "
+                                 f"a position 1-{len(convs)}, a split ({', '.join(SPLITS)}) or 'all'") from None
+    if not positions:
+        raise ValueError("no conversation selected")
+    bad = [p for p in positions if p > len(convs)]
+    if bad:
+        raise ValueError(f"conversation position(s) {bad} beyond the {len(convs)} in the file")
+    return [convs[p - 1] for p in sorted(set(positions))]
 
 
 def parse_range(spec: str | None, universe: list[int]) -> list[int]:
