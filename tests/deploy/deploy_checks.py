@@ -172,8 +172,8 @@ def distill_rayjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     spec.loader.exec_module(launcher)
     rayjobs = []
     for cm in find(docs, "ConfigMap"):
-        if "run.json" in cm.get("data", {}):
-            run = json.loads(cm["data"]["run.json"])
+        if "run.yaml" in cm.get("data", {}):
+            run = yaml.safe_load(cm["data"]["run.yaml"])
             rayjobs += [launcher.build(run["template"], r) for r in run["runs"]]
     return rayjobs
 
@@ -181,8 +181,60 @@ def distill_rayjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ kustomize
 
 
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """Build a kustomization with the subset of kustomize the k8s/ layout uses: resources (files and
+    directories), namespace (RoleBinding subjects in `default` or unset follow, as in kustomize),
+    labels (metadata only), configMapGenerator (files; create / replace / merge) with
+    disableNameSuffixHash, and RFC 6902 patches with a kind/name target. Anything else fails, so
+    the layout cannot outgrow what this checks; `kubectl kustomize` cross-checks it where installed."""
+    import jsonpatch
+
+    spec = yaml.safe_load((path / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "resources", "namespace", "labels", "configMapGenerator", "generatorOptions",
+             "patches"}
+    assert set(spec) <= known, f"{path}: kustomize fields this check does not implement: {set(spec) - known}"
+    assert spec.get("generatorOptions", {}) in ({}, {"disableNameSuffixHash": True})
+    objs: list[dict[str, Any]] = []
+    for res in spec.get("resources", []):
+        target = path / res
+        if target.is_dir():
+            objs += kustomize(target)
+        else:
+            objs += [d for d in yaml.safe_load_all(target.read_text()) if d]
+    for gen in spec.get("configMapGenerator", []):
+        assert set(gen) <= {"name", "behavior", "files"}, gen
+        data = {Path(f).name: (path / f).read_text() for f in gen.get("files", [])}
+        behavior = gen.get("behavior", "create")
+        existing = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == gen["name"]]
+        if behavior == "create":
+            assert not existing, f"{path}: ConfigMap {gen['name']} already exists"
+            objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data})
+        else:
+            (cm,) = existing
+            cm["data"] = data if behavior == "replace" else {**cm.get("data", {}), **data}
+    for patch in spec.get("patches", []):
+        assert set(patch) == {"path", "target"} and set(patch["target"]) == {"kind", "name"}, patch
+        ops = yaml.safe_load((path / patch["path"]).read_text())
+        hits = [i for i, o in enumerate(objs)
+                if o["kind"] == patch["target"]["kind"] and o["metadata"]["name"] == patch["target"]["name"]]
+        assert len(hits) == 1, f"{path}: patch target {patch['target']} matched {len(hits)} objects"
+        objs[hits[0]] = jsonpatch.apply_patch(objs[hits[0]], ops)
+    if "namespace" in spec:
+        for o in objs:
+            o["metadata"]["namespace"] = spec["namespace"]
+            for subject in o.get("subjects", []) if o["kind"] in ("RoleBinding", "ClusterRoleBinding") else []:
+                if subject.get("kind") == "ServiceAccount" and subject.get("namespace") in (None, "default"):
+                    subject["namespace"] = spec["namespace"]
+    for label in spec.get("labels", []):
+        assert set(label) <= {"pairs", "includeSelectors", "includeTemplates"} and not label.get("includeSelectors")
+        assert not label.get("includeTemplates")
+        for o in objs:
+            o["metadata"].setdefault("labels", {}).update(label["pairs"])
+    return objs
+
+
 def kubectl_kustomize(path: Path) -> list[dict[str, Any]] | None:
-    """`kubectl kustomize` output when kubectl is installed (it is a client-only check), else None."""
+    """`kubectl kustomize` output when kubectl is installed (client only, offline), else None."""
     kubectl = shutil.which("kubectl")
     if not kubectl:
         return None

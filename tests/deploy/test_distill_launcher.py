@@ -1,5 +1,5 @@
 """The distillation launcher the chart's CronJob runs (charts/tsubasa/files/launch_rayjobs.py): its
-plan, and a whole run against a fake Kubernetes API on loopback fed with the chart's own run.json."""
+plan, and a whole run against a fake Kubernetes API on loopback fed with the chart's own run.yaml."""
 
 from __future__ import annotations
 
@@ -107,15 +107,15 @@ def fake_api(tmp_path):
 
 def run_launcher(url: str, tmp_path, values: dict) -> subprocess.CompletedProcess:
     docs = render(values)
-    (cm,) = [c for c in find(docs, "ConfigMap") if "run.json" in c["data"]]
+    (cm,) = [c for c in find(docs, "ConfigMap") if "run.yaml" in c["data"]]
     (cron,) = find(docs, "CronJob")
     # The script the CronJob runs is the chart file, carried in the ConfigMap.
     assert cm["data"]["launch_rayjobs.py"].strip() == SCRIPT.read_text().strip()
     env_spec = {e["name"]: e.get("value") for e in
                 cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    (tmp_path / "run.json").write_text(cm["data"]["run.json"])
+    (tmp_path / "run.yaml").write_text(cm["data"]["run.yaml"])
     (tmp_path / "token").write_text("test-token\n")
-    env = {**os.environ, "NAMESPACE": "tsubasa", "RUN_FILE": str(tmp_path / "run.json"),
+    env = {**os.environ, "NAMESPACE": "tsubasa", "RUN_FILE": str(tmp_path / "run.yaml"),
            "SELECTOR": env_spec["SELECTOR"], "FORBID_CONCURRENT": env_spec["FORBID_CONCURRENT"],
            "HISTORY_LIMIT": env_spec["HISTORY_LIMIT"], "K8S_API_URL": url,
            "K8S_TOKEN_FILE": str(tmp_path / "token")}

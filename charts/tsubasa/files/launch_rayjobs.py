@@ -1,11 +1,12 @@
 """Create one scheduled distillation run: a RayJob per tenant, built from the template and the runs
 in RUN_FILE, through the Kubernetes API with the pod's ServiceAccount. Run by the chart's CronJob.
 
-Standard library only, so it runs in the application image without kubectl. A RayJob whose
+Standard library plus PyYAML (a tsubasa dependency), so it runs in the application image without
+kubectl. A RayJob whose
 previous run is still active is skipped (FORBID_CONCURRENT), and finished RayJobs beyond
 HISTORY_LIMIT per scheduled job are deleted (KubeRay already deleted their RayClusters).
 
-Environment: NAMESPACE, RUN_FILE ({"template": RayJob, "runs": [{key, tenant, entrypoint}]}),
+Environment: NAMESPACE, RUN_FILE (YAML or JSON: {template: RayJob, runs: [{key, tenant, entrypoint}]}),
 SELECTOR (label selector of this release's RayJobs), FORBID_CONCURRENT (true/false), HISTORY_LIMIT,
 and for tests K8S_API_URL / K8S_TOKEN_FILE / K8S_CA_FILE.
 """
@@ -21,6 +22,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+import yaml
 
 JOB_KEY = "tsubasa.ai/distill-job"
 FINISHED = {"Complete", "Failed"}
@@ -102,12 +105,12 @@ def _read(path: str) -> str:
 def main() -> int:
     env = os.environ
     try:
-        with open(env.get("RUN_FILE", "/etc/tsubasa-distill/run.json")) as f:
-            run_spec = json.load(f)
+        with open(env.get("RUN_FILE", "/etc/tsubasa-distill/run.yaml")) as f:
+            run_spec = yaml.safe_load(f)
         rayjobs = [build(run_spec["template"], run) for run in run_spec["runs"]]
         namespace = env.get("NAMESPACE") or _read(f"{SA_DIR}/namespace")
         token = _read(env.get("K8S_TOKEN_FILE", f"{SA_DIR}/token"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
         print(f"error: cannot read the launcher inputs: {exc}", file=sys.stderr)
         return 2
     api = KubeAPI(env.get("K8S_API_URL", "https://kubernetes.default.svc"), token,
