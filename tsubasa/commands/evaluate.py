@@ -65,6 +65,8 @@ def locomo(
                               help="auto (endpoint if configured, else the local engine) | local | openai | none."),
     judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="OpenAI-compatible judge URL."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="Judge model name at that endpoint."),
+    judge_max_new_tokens: int = typer.Option(48, "--judge-max-new-tokens", min=4, max=1024,
+                                             help="Reply cap for a local judge (tokens)."),
     tenant: str = typer.Option("eval", "--tenant", "-t", help="Tenant whose users hold the conversations' memory."),
     milvus: str | None = typer.Option(None, "--milvus", help="Milvus URI / Lite file (default: milvus.uri)."),
     run_dir: Path | None = typer.Option(None, "--run-dir", "-o",
@@ -124,11 +126,16 @@ def locomo(
     console.print(f"loading model [bold]{settings.model.name}[/bold] ...")
     engine = load_engine(settings.model)
     try:
-        the_judge = make_judge(judge, engine, base_url=base_url, model=judge_name, api_key=api_key)
+        the_judge = make_judge(judge, engine, base_url=base_url, model=judge_name, api_key=api_key,
+                               max_new_tokens=judge_max_new_tokens)
     except ValueError as exc:
         fail(f"--judge: {exc}")
     memory = MemorySystem(settings, engine=engine)
     window = context_tokens or settings.model.max_context_tokens
+    model_cfg = getattr(getattr(engine, "base_model", None), "config", None)
+    model_window = getattr(model_cfg, "max_position_embeddings", None)
+    if isinstance(model_window, int) and window > model_window:
+        fail(f"--context-tokens: {window} exceeds the window of {settings.model.name} ({model_window} tokens)")
     spec = RunSpec(systems=names, ks=ks, conversations=[c.sample_id for c in convs], categories=cats, limit=limit,
                    model=settings.model.name, prompt_style=prompt, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
                    context_tokens=window, tenant=tenant, judge=the_judge.name if the_judge else "none",

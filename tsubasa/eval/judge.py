@@ -164,7 +164,7 @@ class OpenAIJudge:
 
 
 def make_judge(kind: str, engine: Engine | None = None, *, base_url: str | None = None,
-               model: str | None = None, api_key: str | None = None) -> Judge | None:
+               model: str | None = None, api_key: str | None = None, max_new_tokens: int = 48) -> Judge | None:
     """`none` -> None (no J); `local` -> the given engine; `openai` -> an endpoint (needs `model`);
     `auto` -> `openai` when a base URL or model is configured, else `local`."""
     if kind == "auto":
@@ -174,9 +174,9 @@ def make_judge(kind: str, engine: Engine | None = None, *, base_url: str | None 
     if kind == "local":
         if engine is None:
             raise ValueError("judge 'local' needs an engine")
-        return EngineJudge(engine)
+        return EngineJudge(engine, max_new_tokens=max_new_tokens)
     if kind == "openai":
         if not model:
             raise ValueError("judge 'openai' needs a judge model name (--judge-model / eval.judge_model)")
-        return OpenAIJudge(model=model, base_url=base_url, api_key=api_key)
+        return OpenAIJudge(model=model, base_url=base_url, api_key=api_key, max_tokens=max(max_new_tokens, 64))
     raise ValueError(f"unknown judge {kind!r}: use auto, local, openai or none")
