@@ -87,12 +87,28 @@ def render(values: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2, scripts) as readable `|` blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _yaml(obj: Any) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120)
+
+
 def _key(obj: dict[str, Any]) -> tuple[str, str]:
     return obj["kind"], obj["metadata"]["name"]
 
 
 def _dump_docs(docs: list[dict[str, Any]]) -> str:
-    return HEADER + "---\n".join(yaml.safe_dump(d, sort_keys=False, width=120) for d in docs)
+    return HEADER + "---\n".join(_yaml(d) for d in docs)
 
 
 def _split_configmaps(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
@@ -103,8 +119,7 @@ def _split_configmaps(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
             assert sorted(d["data"]) == sorted(CONFIGMAP_FILES[d["metadata"]["name"]]), d["data"].keys()
             data = dict(d["data"])
             if "run.yaml" in data:  # the RayJob template inside is Helm output too
-                data["run.yaml"] = yaml.safe_dump(_strip_helm(yaml.safe_load(data["run.yaml"])), sort_keys=False,
-                                                  width=120)
+                data["run.yaml"] = _yaml(_strip_helm(yaml.safe_load(data["run.yaml"])))
             files[d["metadata"]["name"]] = data
         else:
             rest.append(d)
@@ -163,7 +178,7 @@ def build() -> dict[Path, str]:
             ops = jsonpatch.make_patch(base_obj, obj).patch
             if ops:
                 fname = f"patches/{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
-                out[odir / fname] = HEADER + yaml.safe_dump(ops, sort_keys=False, width=120)
+                out[odir / fname] = HEADER + _yaml(ops)
                 patches.append({"path": fname, "target": {"kind": obj["kind"], "name": obj["metadata"]["name"]}})
         missing = set(base_index) - {_key(o) for o in objs}
         assert not missing, f"overlay {overlay} would need to delete {missing}: not supported"
