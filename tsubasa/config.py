@@ -189,6 +189,8 @@ class ServeConfig(BaseModel):
     """Closed sessions waiting for memory evolution in one gateway replica (`/v1/events` answers 429 beyond)."""
     retry_after_s: int = Field(1, ge=1)
     """Retry-After seconds sent with 429/503."""
+    llm_num_cpus: float = Field(2.0, gt=0)
+    """Ray CPUs of one LLM replica; a transformers engine also uses this many torch threads."""
     ray_address: str = ""
     """Ray cluster to join (`auto`, `ray://...`); empty = start a local Ray."""
     ray_num_cpus: int | None = Field(None, ge=1)

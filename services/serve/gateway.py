@@ -1,0 +1,228 @@
+"""The gateway: FastAPI routes (thin: authenticate, parse, delegate to `GatewayService`) served by
+a Ray Serve ingress deployment in front of the LLM deployment.
+
+    POST   /v1/chat/completions   OpenAI chat completions (stream or not), personalised per `user`
+    GET    /v1/models             the base model and this tenant's adapter versions
+    POST   /v1/events             batch of user events (turns, session ends) -> the memory writer
+    GET    /v1/users/{user_id}    what is stored and pending for a user
+    DELETE /v1/users/{user_id}    forget a user (idempotent)
+    GET    /healthz               liveness/readiness
+    GET    /metrics               Prometheus
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.serve import metrics
+from services.serve.auth import APIKeyAuth, AuthError
+from services.serve.errors import APIError, error_response, install_error_handlers
+from services.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    EventsRequest,
+    EventsResponse,
+    ForgetResponse,
+    ModelList,
+    UserStatus,
+)
+from services.serve.serving import GatewayService
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _svc(request: Request) -> GatewayService:
+    return request.app.state.service
+
+
+def _tenant(request: Request, authorization: str | None, x_api_key: str | None) -> str:
+    try:
+        return request.app.state.auth.tenant_for(authorization, x_api_key)
+    except AuthError as exc:
+        metrics.REJECTED.labels("auth").inc()
+        raise APIError(401, str(exc), "invalid_api_key") from None
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
+    tenant = _tenant(request, authorization, x_api_key)
+    svc = _svc(request)
+    resp, gen = await svc.chat(tenant, body)
+    if not body.stream:
+        return resp
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return StreamingResponse(svc.stream_events(resp, gen, include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request, authorization: str | None = Header(None),
+                      x_api_key: str | None = Header(None)):
+    tenant = _tenant(request, authorization, x_api_key)
+    return await asyncio.to_thread(_svc(request).models, tenant)
+
+
+@router.post("/v1/events", response_model=EventsResponse)
+async def post_events(body: EventsRequest, request: Request, authorization: str | None = Header(None),
+                      x_api_key: str | None = Header(None)):
+    tenant = _tenant(request, authorization, x_api_key)
+    return await asyncio.to_thread(_svc(request).post_events, tenant, body)
+
+
+@router.get("/v1/users/{user_id}", response_model=UserStatus)
+async def user_status(user_id: str, request: Request, authorization: str | None = Header(None),
+                      x_api_key: str | None = Header(None)):
+    tenant = _tenant(request, authorization, x_api_key)
+    svc = _svc(request)
+    user = svc.resolve_user(tenant, user_id, "user_id")
+    return await asyncio.to_thread(svc.user_status, tenant, user)
+
+
+@router.delete("/v1/users/{user_id}", response_model=ForgetResponse)
+async def forget_user(user_id: str, request: Request, authorization: str | None = Header(None),
+                      x_api_key: str | None = Header(None)):
+    tenant = _tenant(request, authorization, x_api_key)
+    svc = _svc(request)
+    user = svc.resolve_user(tenant, user_id, "user_id")
+    result = await asyncio.to_thread(svc.forget, tenant, user)
+    hook = getattr(request.app.state, "on_forget", None)
+    if hook is not None:
+        await hook(tenant, user)
+    return result
+
+
+@router.get("/healthz")
+async def healthz(request: Request):
+    svc = _svc(request)
+    return {"status": "ok", "model": svc.base_model, "engine": svc.settings.model.engine,
+            "running": svc.admission.running, "waiting": svc.admission.waiting}
+
+
+@router.get("/metrics")
+async def prometheus_metrics():
+    return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length or by counting a chunked body."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.REJECTED.labels("too_large").inc()
+        resp = error_response(413, f"request body is over the {self.limit}-byte limit", "request_too_large")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(service: GatewayService, auth: APIKeyAuth, on_forget: Any = None) -> FastAPI:
+    """The FastAPI app around a ready service (used by the Serve ingress and by plain uvicorn)."""
+    app = FastAPI(title="TSUBASA gateway", version="1")
+    app.state.service = service
+    app.state.auth = auth
+    app.state.on_forget = on_forget
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # handlers turn everything into responses; this is the last guard
+            log.exception("request failed")
+            response = JSONResponse({"error": {"message": "internal error", "type": "api_error"}}, status_code=500)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "other")
+        metrics.REQUESTS.labels(path, str(response.status_code)).inc()
+        metrics.LATENCY.labels(path).observe(time.perf_counter() - t0)
+        return response
+
+    app.add_middleware(BodyLimit, limit=service.settings.serve.max_request_bytes)
+    return app
+
+
+@serve.ingress()
+class Gateway:
+    """Serve ingress deployment: builds the service in the replica, then its app
+    (`__serve_build_asgi_app__`, Serve's late-bound ingress)."""
+
+    def __init__(self, llm: Any, settings: dict[str, Any]) -> None:
+        from services.serve.remote import RemoteEngine
+        from services.serve.serving import HandleLLMClient
+        from services.serve.settings import settings_from_payload
+        from tsubasa.distill.adapters import registry_from_settings
+        from tsubasa.llm.models import load_tokenizer
+        from tsubasa.memory.runtime import MemorySystem
+
+        s = settings_from_payload(settings)
+        tok = load_tokenizer(s.model.name, s.model.cache_dir)
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        def decode(ids: list[int]) -> str:
+            return tok.decode(ids, skip_special_tokens=True)
+
+        engine = RemoteEngine(llm, s.model.name, count, timeout_s=s.serve.request_timeout_s * 5)
+        memory = MemorySystem(s, engine=engine)
+        memory.retriever  # noqa: B018 - open Milvus and load the embedder now, not on the first request
+        self.llm = llm
+        self.service = GatewayService(s, HandleLLMClient(llm), memory, registry_from_settings(s), count, decode)
+        self.auth = APIKeyAuth.from_env(s.serve.api_keys_env)
+        if not self.auth.tenants:
+            log.warning("%s is empty: every request will get 401", s.serve.api_keys_env)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service, self.auth, on_forget=self._unload_user_adapters)
+
+    async def _unload_user_adapters(self, tenant: str, user: str) -> None:
+        """Best effort: ask an LLM replica to drop the user's resident adapters now (others evict
+        them by LRU; the registry no longer has them, so no request can name them again)."""
+        try:
+            await self.llm.forget.remote(f"{tenant}/{user}/")
+        except Exception:  # the forget itself succeeded; a replica may be restarting
+            log.warning("could not ask the LLM deployment to unload %s/%s's adapters", tenant, user)
+
+    def check_health(self) -> None:
+        thread = self.service.sessions._thread
+        if thread is not None and not thread.is_alive() and not self.service.sessions._stop:
+            raise RuntimeError("the session evolution thread died")

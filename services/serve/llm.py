@@ -1,0 +1,300 @@
+"""The LLM deployment: one engine (transformers+peft or vLLM, by `model.engine`) per replica, many
+per-user LoRA adapters on it, concurrent requests merged into mixed-adapter batches.
+
+Routing: the gateway sends each request with `multiplexed_model_id=<adapter version name>`
+(`acme/alice/v0007`, or "" for the base model), so Serve prefers replicas that already hold that
+adapter; a replica keeps `serve.adapters_per_replica` of them (Serve's multiplexing LRU) and loads
+a missing one from the adapter registry by name.
+
+Batching: Serve's `@serve.batch` splits batches by multiplexed model id, which would run each
+adapter alone; `MixedBatcher` instead collects whatever requests are waiting (any adapters, the
+base model included) into one `engine.generate(..., adapters=[...])` call, the multi-LoRA batching
+that punica/S-LoRA kernels (vLLM) and peft's `adapter_names` are for.
+
+Hot-swap: versions are immutable and named, so a newly published version is simply a new name;
+`AdapterPool` pins the version a request started with until it finishes, so an LRU eviction (or a
+newer version) never pulls weights out from under a request in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from tsubasa.config import Settings
+from tsubasa.llm.base import ChatMessage, Engine, Generation, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class GenerateRequest(BaseModel):
+    """One chat generation, as the gateway sends it to the LLM deployment."""
+
+    messages: list[ChatMessage]
+    params: SamplingParams
+    adapter: str | None = None
+    """Adapter version name (`<tenant>/<user>/vNNNN`) or None for the base model."""
+
+
+class AdapterPool:
+    """Reference-counted adapters on one engine.
+
+    `load` makes an adapter resident and returns a token; `evict(name, token)` unloads it once no
+    request holds it (a stale token, from before a reload, is ignored); `hold(name)` pins it for one
+    request. Thread-safe: Serve runs multiplex evictions in an executor thread.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.RLock()
+        self._paths: dict[str, str] = {}
+        self._tokens: dict[str, int] = {}
+        self._refs: Counter[str] = Counter()
+        self._evicting: set[str] = set()
+        self._seq = itertools.count(1)
+
+    def load(self, name: str, path: str) -> int:
+        with self._lock:
+            if name not in self._paths:
+                self.engine.load_adapter(name, path)
+                self._paths[name] = path
+            self._evicting.discard(name)
+            token = next(self._seq)
+            self._tokens[name] = token
+            return token
+
+    def evict(self, name: str, token: int) -> None:
+        with self._lock:
+            if self._tokens.get(name) != token:
+                return  # reloaded since: this eviction is about an older residency
+            self._evicting.add(name)
+            self._maybe_unload(name)
+
+    def _maybe_unload(self, name: str) -> None:
+        if name in self._evicting and self._refs[name] == 0:
+            self._evicting.discard(name)
+            self._paths.pop(name, None)
+            self._tokens.pop(name, None)
+            self.engine.unload_adapter(name)
+            log.info("unloaded adapter %s", name)
+
+    def drop(self, name: str) -> None:
+        """Evict `name` now (or when its last request finishes)."""
+        with self._lock:
+            if name in self._tokens:
+                self.evict(name, self._tokens[name])
+
+    def acquire(self, name: str, path: str | None = None) -> None:
+        with self._lock:
+            if name not in self._paths:
+                if path is None:
+                    raise KeyError(name)
+                self.load(name, path)
+            self._refs[name] += 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            if self._refs[name] <= 0:
+                del self._refs[name]
+                self._maybe_unload(name)
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def in_use(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._refs)
+
+
+class LoadedAdapter:
+    """What Serve's multiplexing caches per adapter; Serve calls `__del__` when its LRU evicts it."""
+
+    def __init__(self, pool: AdapterPool, name: str, path: str, token: int) -> None:
+        self.pool, self.name, self.path, self.token = pool, name, path, token
+        self._released = False
+
+    def __del__(self) -> None:
+        if not self._released:  # Serve calls this on eviction; the GC may call it again later
+            self._released = True
+            self.pool.evict(self.name, self.token)
+
+
+class MixedBatcher:
+    """Collects concurrent requests for up to `wait_s` (or `max_batch` of them) and runs them as
+    one engine call with a per-row adapter list; one engine call at a time."""
+
+    def __init__(self, run: Callable[[list[GenerateRequest]], list[Generation]], max_batch: int,
+                 wait_s: float) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+        self.rows = 0
+
+    @property
+    def healthy(self) -> bool:
+        t = self._task
+        return t is None or not t.done() or t.cancelled() or t.exception() is None
+
+    async def submit(self, req: GenerateRequest) -> Generation:
+        loop = asyncio.get_running_loop()
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop())
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((req, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            deadline = time.monotonic() + self.wait_s
+            while len(self._queue) < self.max_batch and time.monotonic() < deadline:
+                await asyncio.sleep(min(0.002, self.wait_s))
+            batch = [(r, f) for r, f in self._queue[: self.max_batch] if not f.cancelled()]
+            del self._queue[: self.max_batch]
+            if not self._queue:
+                self._wakeup.clear()
+            if not batch:
+                continue
+            try:
+                gens = await asyncio.to_thread(self._run, [r for r, _ in batch])
+            except Exception as exc:  # every waiter gets the error, the loop keeps serving
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            self.batches += 1
+            self.rows += len(batch)
+            for (_, f), g in zip(batch, gens, strict=True):
+                if not f.done():
+                    f.set_result(g)
+
+
+def run_mixed(engine: Engine, reqs: Sequence[GenerateRequest]) -> list[Generation]:
+    """One engine call per distinct SamplingParams (usually one), adapters mixed within it."""
+    out: list[Generation | None] = [None] * len(reqs)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault(r.params.model_dump_json(), []).append(i)
+    for idx in groups.values():
+        gens = engine.generate([reqs[i].messages for i in idx], reqs[idx[0]].params,
+                               adapters=[reqs[i].adapter for i in idx])
+        for i, g in zip(idx, gens, strict=True):
+            out[i] = g
+    return [g for g in out if g is not None]
+
+
+class LLMServerCore:
+    """The replica's logic without Ray (engine + registry + pool + batcher); `LLMServer` wraps it
+    for Serve, benchmarks and tests call it directly."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None, registry: Any = None) -> None:
+        from tsubasa.distill.adapters import registry_from_settings
+        from tsubasa.llm import load_engine
+
+        self.settings = settings
+        sc = settings.serve
+        if engine is None:
+            # The engine's own LRU must never evict an adapter a request holds: room for every
+            # multiplexed adapter plus one pinned adapter per request the replica may hold.
+            mcfg = settings.model.model_copy(update={
+                "max_loaded_adapters": sc.adapters_per_replica + sc.llm_max_ongoing_requests,
+                "batch_size": max(settings.model.batch_size, sc.max_batch_size)})
+            engine = load_engine(mcfg, shared=False)
+        self.engine = engine
+        self.registry = registry if registry is not None else registry_from_settings(settings)
+        self.pool = AdapterPool(engine)
+        self.batcher = MixedBatcher(lambda reqs: run_mixed(self.engine, reqs), sc.max_batch_size,
+                                    sc.batch_wait_timeout_s)
+
+    def load(self, name: str) -> LoadedAdapter:
+        """Load adapter version `name` from the registry (blocking)."""
+        version = self.registry.get_by_name(name)
+        path = self.registry.local_path(version)
+        token = self.pool.load(name, path)
+        return LoadedAdapter(self.pool, name, path, token)
+
+    async def generate(self, req: GenerateRequest, loaded: LoadedAdapter | None = None) -> Generation:
+        if req.adapter is None:
+            return await self.batcher.submit(req)
+        loaded = loaded or await asyncio.to_thread(self.load, req.adapter)
+        self.pool.acquire(req.adapter, loaded.path)  # pinned until this request is done
+        try:
+            return await self.batcher.submit(req)
+        finally:
+            self.pool.release(req.adapter)
+
+    def stats(self) -> dict[str, Any]:
+        return {"model": self.settings.model.name, "engine": self.settings.model.engine,
+                "resident_adapters": self.pool.resident(), "in_use": self.pool.in_use(),
+                "batches": self.batcher.batches, "rows": self.batcher.rows}
+
+
+class LLMServer:
+    """Serve deployment class (options are set by `services.serve.app.build_app`)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from ray import serve
+
+        from services.serve.settings import settings_from_payload
+
+        s = settings_from_payload(settings)
+        if s.model.engine == "hf":  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved for us
+            import torch
+
+            torch.set_num_threads(max(1, int(s.serve.llm_num_cpus)))
+        self.core = LLMServerCore(s)
+        n = s.serve.adapters_per_replica
+
+        async def load_adapter(model_id: str) -> LoadedAdapter:
+            return await asyncio.to_thread(self.core.load, model_id)
+
+        # Wired at init because the LRU size is configuration (Serve detects this form too).
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=n)(load_adapter)
+
+    async def generate(self, req: GenerateRequest) -> Generation:
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id()
+        loaded = None
+        if req.adapter is not None:
+            if model_id != req.adapter:
+                raise ValueError(f"request for adapter {req.adapter!r} routed as {model_id!r}")
+            loaded = await self.get_adapter(model_id)
+        return await self.core.generate(req, loaded)
+
+    async def generate_many(self, messages: list[list[ChatMessage]], params: SamplingParams) -> list[Generation]:
+        """Base-model generations for the memory writer (extraction, evolution decisions)."""
+        reqs = [GenerateRequest(messages=m, params=params) for m in messages]
+        return list(await asyncio.gather(*(self.core.generate(r) for r in reqs)))
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def forget(self, prefix: str) -> list[str]:
+        """Evict resident adapters whose name starts with `prefix` (`tenant/user/`)."""
+        gone = [n for n in self.core.pool.resident() if n.startswith(prefix)]
+        for name in gone:
+            self.core.pool.drop(name)
+        return gone
+
+    def check_health(self) -> None:
+        if not self.core.batcher.healthy:
+            raise RuntimeError("the batching loop died")
