@@ -1,0 +1,87 @@
+"""Fixtures for tests that need real services: a Kafka-compatible broker (tansu), an S3 server for
+the broker's persistent storage, a `milvus-lite server` shared by several processes, and local Ray.
+
+Each service is a child process on a free loopback port (tests/support/local_services.py); the
+session-scoped ones are started only when a test asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One `milvus-lite server` for the session; isolate tests by collection prefix."""
+    from local_services import MilvusLiteServer
+
+    server = MilvusLiteServer(tmp_path_factory.mktemp("milvus-server")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    """A fresh in-memory tansu broker for one test."""
+    from local_services import TansuBroker
+
+    b = TansuBroker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture()
+def s3_server(tmp_path):
+    from local_services import S3Server
+
+    s = S3Server(tmp_path / "s3").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def persistent_broker(tmp_path, s3_server):
+    """A tansu broker whose storage (S3) survives `restart()`."""
+    from local_services import TansuBroker
+
+    b = TansuBroker(tmp_path / "broker", s3=s3_server).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Local Ray (auth off, no dashboard); workers can import tests/support."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    path = os.pathsep.join([str(SUPPORT), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ingest_settings(tmp_path, broker, milvus_server):
+    """Settings for an ingest test: its own topic, group and collections on the shared servers."""
+    return make_ingest_settings(tmp_path, broker.bootstrap, milvus_server.url)
+
+
+def make_ingest_settings(tmp_path: Path, bootstrap: str, milvus_url: str, **kafka):
+    from tsubasa.config import load_settings
+
+    tag = uuid.uuid4().hex[:8]
+    cfg = {"bootstrap_servers": bootstrap, "topic": f"events-{tag}", "dead_letter_topic": f"events-{tag}.dlq",
+           "group_id": f"ingest-{tag}", "partitions": 4, "consumers": 2, "writers": 2, "max_retries": 1,
+           "retry_backoff_s": 0.2, "commit_interval_s": 0.5, "session_idle_timeout_s": 2.0, **kafka}
+    return load_settings(data_dir=tmp_path / "data", milvus={"uri": milvus_url, "collection_prefix": f"t{tag}"},
+                         kafka=cfg)
