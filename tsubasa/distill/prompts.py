@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tsubasa.llm.base import ChatMessage, msgs
 
-PROMPT_VERSION = 1  # part of cache keys: bump when a prompt changes
+PROMPT_VERSION = 2  # part of cache keys: bump when a prompt changes
 
 SYNTH_SYSTEM = "You write quiz questions about facts. Every answer is a few words taken from the fact."
 
@@ -19,7 +19,12 @@ Write one question about this fact and its short answer.
 Question: <question>
 Answer: <answer>"""
 
-ANSWER_SYSTEM = "You answer questions about people from what you remember. Reply with a short phrase only."
+# Same wording as the evaluation harness's "concise" answer prompt (tsubasa.eval.systems.answer_messages,
+# which this layer may not import; a unit test keeps the two identical), so an adapter is trained on
+# exactly the prompt it is evaluated and served with.
+ANSWER_SYSTEM = ("You answer questions about people from their past conversations, using only the context "
+                 "given. Answer in under 6 words. For a question about time, answer with the date or "
+                 "period. Do not explain.")
 
 
 def synth_messages(fact: str) -> list[ChatMessage]:
@@ -30,9 +35,9 @@ def student_messages(question: str, grounding: Sequence[str]) -> list[ChatMessag
     """The student's (and serving's) prompt: the top-k memories, if any, then the question."""
     if grounding:
         memories = "\n".join(f"- {g}" for g in grounding)
-        body = f"Memories:\n{memories}\n\nQuestion: {question}\nShort answer:"
+        body = f"Memories:\n{memories}\n\nQuestion: {question}\nAnswer:"
     else:
-        body = f"Question: {question}\nShort answer:"
+        body = f"Question: {question}\nAnswer:"
     return msgs(("system", ANSWER_SYSTEM), ("user", body))
 
 
@@ -43,5 +48,5 @@ def teacher_messages(question: str, transcript: str, memories: Sequence[str]) ->
         parts.append("Memories:\n" + "\n".join(f"- {m}" for m in memories))
     if transcript:
         parts.append(f"Conversation:\n{transcript}")
-    parts.append(f"Question: {question}\nShort answer:")
+    parts.append(f"Question: {question}\nAnswer:")
     return msgs(("system", ANSWER_SYSTEM), ("user", "\n\n".join(parts)))

@@ -69,6 +69,8 @@ class QATargets(BaseModel):
     topd_logprobs: list[list[float]]
     teacher_tokens: int = 0
     """Prompt size the teacher saw."""
+    teacher_prompt: list[ChatMessage] | None = None
+    """The teacher's rich prompt, kept for held-out items (internalisation measure)."""
 
 
 class UserDataset(BaseModel):
@@ -184,7 +186,8 @@ def build_user_dataset(
                 grounding=[m.shown for m in index.top(q.question, cfg.grounding_k)],
                 answer=ans, answer_ids=s.token_ids.tolist(), gold_ids=g.token_ids.tolist(),
                 topd_ids=s.topd_ids.tolist(), topd_logprobs=np.round(s.topd_logprobs, 6).tolist(),
-                teacher_tokens=sum(engine.count_tokens(m.content) for m in prompt)))
+                teacher_tokens=sum(engine.count_tokens(m.content) for m in prompt),
+                teacher_prompt=prompt if q.qa_id in held_ids else None))
         if on_progress:
             on_progress(len(items), len(ordered))
     n_tok = sum(len(x.answer_ids) for x in items)

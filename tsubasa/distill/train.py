@@ -229,16 +229,21 @@ class UserTrainer:
     """Trains the student's adapter on one user's examples, one epoch at a time."""
 
     def __init__(self, student: LoraStudent, spec: TrainSpec, examples: Sequence[Example], cfg: DistillConfig,
-                 seed: int = 0) -> None:
+                 seed: int = 0, module: Any = None, reset: Callable[[int], None] | None = None,
+                 clip: Callable[[float], Any] | None = None) -> None:
+        """`module`, `reset` and `clip` let a sharded (FSDP) wrapper of the student train instead of
+        the plain peft model: forward through the wrapper, re-initialise and clip through it."""
         import torch
 
         if not examples:
             raise ValueError("no training examples for this user (did synthesis keep any QA?)")
         self.student, self.spec, self.examples, self.cfg, self.seed = student, spec, list(examples), cfg, seed
-        student.reset(seed)
-        student.model.train()
-        self.optimizer = torch.optim.AdamW(student.trainable_parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay)
+        self.module = module if module is not None else student.model
+        (reset or student.reset)(seed)
+        self.module.train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self._clip = clip or (lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -248,19 +253,17 @@ class UserTrainer:
 
     def run_epoch(self, on_step: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
         """One pass over the examples in the order fixed by (seed, epoch); returns mean loss and timing."""
-        import torch
-
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
         bs = self.cfg.batch_size
         losses, tokens, t0 = [], 0, time.perf_counter()
-        self.student.model.train()
+        self.module.train()
         for step, start in enumerate(range(0, len(order), bs)):
             batch = _to(collate([self.examples[i] for i in order[start:start + bs]], self.student.pad_id),
                         self.student.device)
-            loss = batch_loss(self.student.model, batch, self.spec)
+            loss = batch_loss(self.module, batch, self.spec)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.student.trainable_parameters(), self.cfg.max_grad_norm)
+            self._clip(self.cfg.max_grad_norm)
             self.optimizer.step()
             losses.append(float(loss.detach()))
             tokens += int(batch["mask"].sum())

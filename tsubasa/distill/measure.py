@@ -1,0 +1,72 @@
+"""The internalisation experiment for one user: train adapters for several d (and without grounding)
+on the user's training QA, then measure each on the held-out QA against the teacher, before and
+after (see `internalise.py`). Measurement adapters are written under `<distill_dir>/internalise/`,
+never into a registry: measuring does not change what serving uses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tsubasa.config import Settings
+
+
+def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_values: Sequence[int],
+                        progress: Callable[[str, int, int], None] | None = None, engine: Any = None,
+                        embedder: Any = None, store: Any = None) -> dict[str, Any]:
+    from tsubasa.distill.internalise import Condition, measure, teacher_reference
+    from tsubasa.distill.pipeline import prepare_dataset
+    from tsubasa.distill.synth import JsonCache, UserCorpus
+    from tsubasa.distill.train import LoraStudent, TrainSpec, train_user
+    from tsubasa.embed import load_embedder
+    from tsubasa.llm import load_engine
+    from tsubasa.memory.store import MilvusStore
+
+    cfg = settings.distill
+    engine = engine or load_engine(settings.model)
+    embedder = embedder or load_embedder(settings.embedder)
+    store = store or MilvusStore(settings.milvus, uri=settings.milvus_uri)
+    corpus = UserCorpus.from_store(store, tenant_id, user_id)
+    if not corpus.turns and not corpus.memories:
+        raise ValueError(f"{tenant_id}/{user_id} has no turns or memories in {settings.milvus_uri}")
+    cache = JsonCache(f"{settings.distill_dir}/cache")
+    d_max = max([*d_values, cfg.top_d])
+    ds = prepare_dataset(engine, embedder, corpus, cfg, d_max, cache, batch_size=settings.model.batch_size,
+                         progress=progress)
+    specs = [TrainSpec.from_config(cfg, "tsubasa", d) for d in d_values]
+    specs.append(TrainSpec.from_config(cfg, "no_grounding", cfg.top_d))
+    out_root = Path(settings.distill_dir) / "internalise" / tenant_id / user_id
+    student = LoraStudent(settings.model, cfg)
+    training: dict[str, dict[str, float]] = {}
+    for i, spec in enumerate(specs):
+        if progress:
+            progress(f"train {spec.tag}", i, len(specs))
+        t0 = time.perf_counter()
+        trained = train_user(student, ds, spec, cfg, out_root / spec.tag)
+        training[spec.tag] = {**trained.metrics, "wall_s": time.perf_counter() - t0}
+        name = f"internalise:{tenant_id}/{user_id}/{spec.tag}"
+        engine.unload_adapter(name)  # a re-run replaces the previous weights
+        engine.load_adapter(name, str(trained.out_dir))
+    k = cfg.grounding_k
+    conds = [Condition(label=f"before (base model, k={k})", adapter=None, grounding_k=k)]
+    conds += [Condition(label=f"after d={s.d} (k={k})", adapter=f"internalise:{tenant_id}/{user_id}/{s.tag}",
+                        grounding_k=k) for s in specs[:-1]]
+    conds += [Condition(label="before (base model, no grounding)", adapter=None, grounding_k=0),
+              Condition(label=f"after no-grounding d={cfg.top_d}", grounding_k=0,
+                        adapter=f"internalise:{tenant_id}/{user_id}/{specs[-1].tag}")]
+    if progress:
+        progress("teacher answers", 0, 1)
+    ref = teacher_reference(engine, ds.heldout, max_new_tokens=cfg.max_answer_words * 3)
+    rows = []
+    for i, c in enumerate(conds):
+        if progress:
+            progress(f"measure {c.label}", i, len(conds))
+        rows.extend(measure(engine, ds, [c], max_new_tokens=cfg.max_answer_words * 3, reference=ref))
+    return {"tenant_id": tenant_id, "user_id": user_id, "model": settings.model.name, "n_heldout": len(ds.heldout),
+            "n_train": len(ds.train), "dataset": ds.stats, "training": training,
+            "config": cfg.model_dump(include={"lora_rank", "lora_alpha", "epochs", "learning_rate", "batch_size",
+                                              "grounding_k", "qa_per_user", "synth_mode", "top_d"}),
+            "teacher_answers": [r.model_dump() for r in ref],
+            "rows": [r.model_dump() for r in rows]}
