@@ -141,6 +141,7 @@ def run_distill_job(settings: Settings, users: Sequence[tuple[str, str]], spec: 
         "settings": settings, "spec": spec.model_dump(), "strategy": job.strategy, "job_id": name,
         "users": [k.split("/", 1) for k in keys], "datasets": {k: ray.put(datasets[k]) for k in keys},
         "board": board, "fsdp": {**job.fsdp.model_dump(), "mixed_precision": job.mixed_precision},
+        "gradient_checkpointing": job.gradient_checkpointing,
     }
     trainer = build_trainer(job, train_loop_per_worker, loop_config, name, storage)
     outcome: dict[str, Any] = {}

@@ -150,6 +150,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ds = UserDataset.model_validate_json(ray.get(ds_obj) if isinstance(ds_obj, ray.ObjectRef) else ds_obj)
                 if student is None:
                     student = LoraStudent(settings.model, cfg)
+                    fsdp_ckpt = sharded and config.get("fsdp", {}).get("activation_checkpointing")
+                    if config.get("gradient_checkpointing") or fsdp_ckpt:
+                        _enable_gradient_checkpointing(student)
                     if sharded:
                         wrapped = _fsdp_wrap(student, config.get("fsdp", {}))
                 examples = make_examples(ds, spec, student.tokenizer, settings.model.enable_thinking,
@@ -259,9 +262,13 @@ def _fsdp_wrap(student: Any, fsdp_cfg: dict[str, Any]) -> Any:
     wrapped = FSDP(student.model, auto_wrap_policy=ModuleWrapPolicy(classes), use_orig_params=True,
                    sharding_strategy=getattr(ShardingStrategy, fsdp_cfg.get("sharding_strategy", "FULL_SHARD")),
                    mixed_precision=mp, device_id=student.device if student.device.type == "cuda" else None)
-    if fsdp_cfg.get("activation_checkpointing") and hasattr(student.model, "gradient_checkpointing_enable"):
-        student.model.gradient_checkpointing_enable()
     return wrapped
+
+
+def _enable_gradient_checkpointing(student: Any) -> None:
+    """Recompute activations in backward (before any FSDP wrapping); LoRA needs input grads for it."""
+    student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.model.enable_input_require_grads()
 
 
 def _fsdp_trainer(student: Any, wrapped: Any, spec: Any, examples: list, cfg: Any) -> Any:

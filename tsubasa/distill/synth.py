@@ -217,10 +217,10 @@ class QAFilter:
         support = sum(w in fact_words for w in words) / max(1, len(words))
         if support < cfg.min_answer_support:
             return "unanswerable"
-        if normalise_answer(answer) and normalise_answer(answer) in normalise_answer(question):
-            return "unanswerable"  # the question gives its answer away
         if trivially_dated(question, answer):
             return "trivial_date"
+        if normalise_answer(answer) and normalise_answer(answer) in normalise_answer(question):
+            return "unanswerable"  # the question gives its answer away
         return None
 
     def accept(self, question: str, answer: str, fact: str) -> bool:
