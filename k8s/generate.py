@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent
 CHART = ROOT.parent / "charts" / "tsubasa"
 RELEASE = "tsubasa"
 HEADER = "# Generated from charts/tsubasa by k8s/generate.py; edit the chart or the values there, then regenerate.\n"
-CONFIGMAP_FILES = {"tsubasa-config": ["config.yaml"], "tsubasa-distill": ["run.yaml", "launch_rayjobs.py"]}
+CONFIGMAP_FILES = {"tsubasa-config": ["config.yaml", "distill-job.yaml"],
+                   "tsubasa-distill": ["run.yaml", "launch_rayjobs.py"]}
 
 # What every environment shares: the chart defaults plus explicit Kafka wiring.
 BASE_VALUES: dict[str, Any] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -149,6 +150,17 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The env a rendered container would see, Secret references filled with stand-in values."""
+    out = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        value = f"from-secret-{ref['name']}" if ref else e.get("value")
+        if value is not None:
+            out[e["name"]] = value
+    return out
+
+
 def all_pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """(where, PodSpec) of every pod the objects would create, custom resources included."""
     out = []
@@ -163,18 +175,29 @@ def all_pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]
     return out
 
 
-def distill_rayjobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The RayJobs one scheduled distillation run would create (from the launcher's ConfigMap)."""
+# What the API keys Secret holds in these checks: two tenants (the hashes are of "key-a"/"key-b").
+SAMPLE_API_KEYS = ("acme:" + hashlib.sha256(b"key-a").hexdigest() + ",globex:" + hashlib.sha256(b"key-b").hexdigest())
+
+
+@functools.cache
+def launcher() -> Any:
+    """charts/tsubasa/files/launch_rayjobs.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("launch_rayjobs", CHART / "files" / "launch_rayjobs.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def distill_rayjobs(docs: list[dict[str, Any]], api_keys: str = SAMPLE_API_KEYS) -> list[dict[str, Any]]:
+    """The RayJobs one scheduled distillation run would create (from the launcher's ConfigMap, with
+    `api_keys` standing in for the API keys Secret), or the RayCronJobs' job templates."""
     rayjobs = []
     for cm in find(docs, "ConfigMap"):
         if "run.yaml" in cm.get("data", {}):
             run = yaml.safe_load(cm["data"]["run.yaml"])
-            rayjobs += [launcher.build(run["template"], r) for r in run["runs"]]
+            rayjobs += [launcher().build(run["template"], r) for r in launcher().expand(run["runs"], api_keys)]
     return rayjobs
 
 

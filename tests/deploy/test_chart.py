@@ -4,8 +4,6 @@ fields that make the deployment work (GPU requests, images, env, topics, Secret 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import os
 
@@ -17,6 +15,7 @@ from deploy_checks import (
     VALUE_SETS,
     all_pod_specs,
     assert_valid,
+    container_env,
     distill_rayjobs,
     env_of,
     find,
@@ -26,6 +25,7 @@ from deploy_checks import (
     validation_errors,
 )
 
+JOB = " --job-config /etc/tsubasa/distill-job.yaml"
 FULLNAME = f"{RELEASE}-tsubasa"
 # The only lint finding allowed: the Milvus subchart is declared but not vendored (docs/deploy.md).
 ALLOWED_LINT = ("chart directory is missing these dependencies: milvus", "icon is recommended")
@@ -90,17 +90,6 @@ def test_serve_config_is_a_valid_ray_serve_config():
         assert config.http_options.host == "0.0.0.0"
 
 
-def test_serve_import_path_exists_in_the_package():
-    """serveConfigV2 imports what the serving code actually defines."""
-    svc = one(render(), "RayService")
-    import_path = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["import_path"]
-    module, _, attr = import_path.partition(":")
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not built yet (serving issue); the chart imports {import_path}")
-    mod = importlib.import_module(module)
-    assert callable(getattr(mod, attr, None)), f"{import_path} is not a callable application builder"
-
-
 def test_gpu_worker_group_large_install():
     docs = render(VALUE_SETS["large"])
     rc = one(docs, "RayService")["spec"]["rayClusterConfig"]
@@ -158,11 +147,8 @@ def test_config_file_is_accepted_by_tsubasa_settings(value_set, tmp_path, monkey
     path = tmp_path / "config.yaml"
     path.write_text(text)
     pod = one(docs, "Deployment", f"{FULLNAME}-ingest")["spec"]["template"]["spec"]
-    for e in pod["containers"][0]["env"]:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        value = f"from-secret-{ref['name']}" if ref else e.get("value")
-        if value is not None:
-            monkeypatch.setenv(e["name"], value)
+    for name, value in container_env(pod["containers"][0]).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("TSUBASA_CONFIG", str(path))
     settings = load_settings()
     assert settings.kafka.topic == "tsubasa.events"
@@ -301,7 +287,7 @@ def test_distill_cronjob_creates_one_rayjob_per_tenant():
     rule = one(docs, "Role")["rules"][0]
     assert rule["resources"] == ["rayjobs"] and set(rule["verbs"]) == {"get", "list", "create", "delete"}
     (job,) = distill_rayjobs(docs)
-    assert job["spec"]["entrypoint"] == "tsubasa distill --tenant demo --all-new"
+    assert job["spec"]["entrypoint"] == f"tsubasa distill --tenant demo --all-new{JOB}"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["metadata"]["annotations"]["tsubasa.ai/tenant"] == "demo"
     assert job["metadata"]["generateName"].startswith(f"{FULLNAME}-distill-")
@@ -309,13 +295,46 @@ def test_distill_cronjob_creates_one_rayjob_per_tenant():
     assert [(w["groupName"], w["replicas"]) for w in workers] == [("cpu", 2)]
 
 
-def test_distill_default_is_all_tenants_on_8_gpus():
-    (job,) = distill_rayjobs(render())
-    assert job["spec"]["entrypoint"] == "tsubasa distill --all-tenants --all-new"
-    (worker,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+def test_distill_default_covers_every_api_key_tenant_on_8_gpus():
+    docs = render()
+    jobs = distill_rayjobs(docs)
+    assert [j["spec"]["entrypoint"] for j in jobs] == [
+        f"tsubasa distill --tenant acme --all-new{JOB}", f"tsubasa distill --tenant globex --all-new{JOB}"]
+    cron_env = {e["name"]: e for e in
+                one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert cron_env["TSUBASA_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "tsubasa-api-keys"
+    (worker,) = jobs[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     res = worker["template"]["spec"]["containers"][0]["resources"]
     assert res["requests"]["nvidia.com/gpu"] == 8 and res["limits"]["nvidia.com/gpu"] == 8
     assert worker["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_distill_job_file_is_accepted_by_the_training_config(value_set, tmp_path, monkeypatch):
+    """The --job-config file sizes Ray Train to the RayJob's workers and loads with services/train."""
+    from services.train.config import load_job_file
+
+    for var in [v for v in os.environ if v.startswith(("TSUBASA_", "AWS_", "HF_"))]:
+        monkeypatch.delenv(var)
+    docs = render(VALUE_SETS[value_set])
+    data = one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]
+    (tmp_path / "config.yaml").write_text(data["config.yaml"])
+    (tmp_path / "job.yaml").write_text(data["distill-job.yaml"])
+    jobs = distill_rayjobs(docs) or [{"spec": c["spec"]["jobTemplate"]} for c in find(docs, "RayCronJob")]
+    head = jobs[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for name, value in container_env(head).items():  # the driver runs on the head
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TSUBASA_CONFIG", str(tmp_path / "config.yaml"))
+    settings, job = load_job_file(tmp_path / "job.yaml")
+    workers = jobs[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(w["replicas"] * w["template"]["spec"]["containers"][0]["resources"].get("limits", {}).get(
+        "nvidia.com/gpu", 0) for w in workers)
+    if gpus:
+        assert job.use_gpu and job.num_workers * job.gpus_per_worker == gpus
+        assert job.strategy in ("fsdp", "deepspeed_zero3") and job.mixed_precision == "bf16"
+    else:
+        assert not job.use_gpu and job.num_workers == sum(w["replicas"] for w in workers)
+    assert settings.distill.work_dir.endswith("/.distill")
 
 
 def test_distill_raycronjob_scheduler():
@@ -324,7 +343,7 @@ def test_distill_raycronjob_scheduler():
     crons = find(docs, "RayCronJob")
     assert [c["metadata"]["annotations"]["tsubasa.ai/tenant"] for c in crons] == ["acme", "globex"]
     assert {c["spec"]["schedule"] for c in crons} == {"0 2 * * *"}
-    assert crons[0]["spec"]["jobTemplate"]["entrypoint"] == "tsubasa distill --tenant acme --all-new"
+    assert crons[0]["spec"]["jobTemplate"]["entrypoint"] == f"tsubasa distill --tenant acme --all-new{JOB}"
 
 
 # ------------------------------------------------------------------ policies, monitoring, notes
@@ -401,9 +420,12 @@ BAD_VALUES = [
     ({"distill": {"scheduler": "airflow"}}, "distill.scheduler must be one of cronjob, raycronjob"),
     ({"distill": {"schedule": "daily"}}, "distill.schedule must have 5 cron fields"),
     ({"distill": {"tenants": ["acme corp"]}}, "is not a valid tenant id"),
+    ({"distill": {"scheduler": "raycronjob"}}, "distill.scheduler=raycronjob needs distill.tenants"),
+    ({"distill": {"job": ["num_workers=8"]}}, "distill.job must be a map"),
     ({"ingest": {"replicas": 3}}, "ingest.replicas is not a setting"),
     ({"kafka": {"securityProtocol": "SASL_SSL"}}, "needs kafka.sasl.username and kafka.sasl.existingSecret"),
     ({"rayService": {"gpuWorkers": {"enabled": False}}}, "config.model.engine=vllm needs rayService.gpuWorkers"),
+    ({"config": {"serve": {"max_replicas": 9}}}, "config.serve.max_replicas=9 LLM replicas need 9 GPUs"),
 ]
 
 

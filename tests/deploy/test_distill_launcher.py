@@ -3,6 +3,7 @@ plan, and a whole run against a fake Kubernetes API on loopback fed with the cha
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -12,8 +13,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from deploy_checks import CHART, VALUE_SETS, find, render
+from deploy_checks import CHART, VALUE_SETS, distill_rayjobs, find, render
 
+JOB = " --job-config /etc/tsubasa/distill-job.yaml"
 SCRIPT = CHART / "files" / "launch_rayjobs.py"
 _spec = importlib.util.spec_from_file_location("launch_rayjobs", SCRIPT)
 launcher = importlib.util.module_from_spec(_spec)
@@ -49,6 +51,25 @@ def test_plan_prunes_finished_runs_beyond_the_history_limit_per_job():
     existing += [rayjob("b-1", "b", "Complete", "2026-01-01"), rayjob("a-9", "a", "Running", "2026-01-09")]
     _, delete = launcher.plan([], existing, True, history_limit=2)
     assert delete == ["a-3", "a-2", "a-1"]  # newest two finished kept; running a-9 and b untouched
+
+
+def test_every_api_key_tenant_gets_a_run():
+    runs = [{"key": "per-api-key-tenant", "tenant": "*", "entrypoint": "tsubasa distill --tenant {tenant} --all-new"}]
+    keys = "acme:" + "a" * 64 + ",\nglobex:" + "b" * 64 + ",acme:" + "c" * 64
+    out = launcher.expand(runs, keys)
+    assert [(r["tenant"], r["entrypoint"]) for r in out] == [
+        ("acme", "tsubasa distill --tenant acme --all-new"), ("globex", "tsubasa distill --tenant globex --all-new")]
+    assert out[0]["key"] == hashlib.sha256(b"acme").hexdigest()[:16]
+    assert launcher.expand(runs, "") == []
+    with pytest.raises(ValueError, match="entry 1"):
+        launcher.expand(runs, "acme corp:" + "a" * 64)
+
+
+def test_job_keys_match_the_charts():
+    """The chart labels listed tenants with sha256(tenant)[:16], as the launcher does for expanded ones."""
+    docs = render({**VALUE_SETS["small"], "distill": {**VALUE_SETS["small"]["distill"], "tenants": ["acme"]}})
+    (job,) = distill_rayjobs(docs)
+    assert job["metadata"]["labels"][launcher.JOB_KEY] == hashlib.sha256(b"acme").hexdigest()[:16]
 
 
 def job_key(job: dict) -> str:
@@ -129,7 +150,7 @@ def test_a_scheduled_run_against_a_fake_api(fake_api, tmp_path):
     created = list(FakeKubeAPI.store.values())
     assert sorted(j["metadata"]["annotations"]["tsubasa.ai/tenant"] for j in created) == ["acme", "globex"]
     assert sorted(j["spec"]["entrypoint"] for j in created) == [
-        "tsubasa distill --tenant acme --all-new", "tsubasa distill --tenant globex --all-new"]
+        f"tsubasa distill --tenant acme --all-new{JOB}", f"tsubasa distill --tenant globex --all-new{JOB}"]
     assert FakeKubeAPI.requests[0][0] == "GET"
     assert "labelSelector=app.kubernetes.io%2Finstance%3Ddemo" in FakeKubeAPI.requests[0][1]
     assert all(p.startswith("/apis/ray.io/v1/namespaces/tsubasa/rayjobs") for _, p in FakeKubeAPI.requests)

@@ -13,6 +13,7 @@ from deploy_checks import (
     K8S,
     all_pod_specs,
     assert_valid,
+    container_env,
     distill_rayjobs,
     env_of,
     find,
@@ -73,7 +74,7 @@ def test_gpu_prod_overlay():
     assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] >= 1
     assert gpu["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
     assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    (job,) = distill_rayjobs(docs)
+    job = distill_rayjobs(docs)[0]  # one per API-key tenant
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     topics = {t["spec"]["topicName"]: t["spec"]["replicas"] for t in find(docs, "KafkaTopic")}
@@ -101,11 +102,8 @@ def test_overlay_config_loads_with_tsubasa_settings(overlay, tmp_path, monkeypat
     path = tmp_path / "config.yaml"
     path.write_text(one(docs, "ConfigMap", "tsubasa-config")["data"]["config.yaml"])
     ingest = one(docs, "Deployment", "tsubasa-ingest")["spec"]["template"]["spec"]["containers"][0]
-    for name, e in env_of(ingest).items():
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        value = f"from-secret-{ref['name']}" if ref else e.get("value")
-        if value is not None:
-            monkeypatch.setenv(name, value)
+    for name, value in container_env(ingest).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("TSUBASA_CONFIG", str(path))
     settings = load_settings()
     assert (settings.kafka.topic, settings.kafka.dead_letter_topic) == ("tsubasa.events", "tsubasa.events.dlq")

@@ -60,3 +60,22 @@ def test_no_secrets_in_the_cluster_config():
                 "AWS_SECRET_ACCESS_KEY"):
         assert f"{var}=" not in text
     assert "--env-file /home/ubuntu/tsubasa.env" in text
+
+
+def test_train_node_type_fits_the_32b_recipe():
+    """services/train/configs/qwen3-32b.yaml asks for its workers and data actors on one node type."""
+    recipe = yaml.safe_load((REPO / "services" / "train" / "configs" / "qwen3-32b.yaml").read_text())["job"]
+    node = load()["available_node_types"]["gpu_train"]
+    assert recipe["accelerator_type"] == "H100" and node["node_config"]["InstanceType"] == "p5.48xlarge"
+    assert recipe["num_workers"] * recipe["gpus_per_worker"] <= node["resources"]["GPU"]
+    assert recipe["num_workers"] * recipe["cpus_per_worker"] <= node["resources"]["CPU"]
+    data = recipe["data"]
+    assert data["concurrency"] * data["num_gpus"] <= node["resources"]["GPU"]
+    assert data["concurrency"] * data["num_cpus"] <= node["resources"]["CPU"]
+
+
+def test_serving_reads_the_adapters_training_publishes():
+    recipe = yaml.safe_load((REPO / "services" / "train" / "configs" / "qwen3-32b.yaml").read_text())
+    options = " ".join(load()["docker"]["run_options"])
+    assert f"TSUBASA_ADAPTERS__ROOT={recipe['settings']['adapters']['root']}" in options
+    assert f"TSUBASA_MODEL__NAME={recipe['settings']['model']['name']}" in options

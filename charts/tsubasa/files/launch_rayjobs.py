@@ -6,6 +6,10 @@ kubectl. A RayJob whose
 previous run is still active is skipped (FORBID_CONCURRENT), and finished RayJobs beyond
 HISTORY_LIMIT per scheduled job are deleted (KubeRay already deleted their RayClusters).
 
+A run with tenant "*" stands for every tenant holding an API key: it is expanded from
+TSUBASA_API_KEYS (`tenant:sha256hex,...`, mounted from the API keys Secret), its entrypoint's
+`{tenant}` filled in.
+
 Environment: NAMESPACE, RUN_FILE (YAML or JSON: {template: RayJob, runs: [{key, tenant, entrypoint}]}),
 SELECTOR (label selector of this release's RayJobs), FORBID_CONCURRENT (true/false), HISTORY_LIMIT,
 and for tests K8S_API_URL / K8S_TOKEN_FILE / K8S_CA_FILE.
@@ -14,8 +18,10 @@ and for tests K8S_API_URL / K8S_TOKEN_FILE / K8S_CA_FILE.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 import ssl
 import sys
 import urllib.error
@@ -28,6 +34,7 @@ import yaml
 JOB_KEY = "tsubasa.ai/distill-job"
 FINISHED = {"Complete", "Failed"}
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")  # tsubasa.schema.IDENTIFIER_RE
 
 
 def is_active(rayjob: dict[str, Any]) -> bool:
@@ -37,6 +44,33 @@ def is_active(rayjob: dict[str, Any]) -> bool:
 
 def job_key(obj: dict[str, Any]) -> str:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(JOB_KEY, "")
+
+
+def tenants_from_api_keys(spec: str) -> list[str]:
+    """The tenants named in TSUBASA_API_KEYS (`tenant:sha256hex,...`); ValueError on a bad entry."""
+    tenants = set()
+    for i, raw in enumerate(p.strip() for p in spec.replace("\n", ",").split(",")):
+        if not raw:
+            continue
+        tenant, sep, _ = raw.partition(":")
+        tenant = tenant.strip()
+        if not sep or not TENANT_RE.fullmatch(tenant) or ".." in tenant:
+            raise ValueError(f"TSUBASA_API_KEYS entry {i + 1} is not <tenant>:<sha256 hex>")
+        tenants.add(tenant)
+    return sorted(tenants)
+
+
+def expand(runs: list[dict[str, str]], api_keys: str) -> list[dict[str, str]]:
+    """Runs with tenant "*" become one run per API-key tenant (job key = sha256(tenant)[:16])."""
+    out = []
+    for run in runs:
+        if run["tenant"] != "*":
+            out.append(run)
+            continue
+        for tenant in tenants_from_api_keys(api_keys):
+            out.append({"key": hashlib.sha256(tenant.encode()).hexdigest()[:16], "tenant": tenant,
+                        "entrypoint": run["entrypoint"].replace("{tenant}", tenant)})
+    return out
 
 
 def build(template: dict[str, Any], run: dict[str, str]) -> dict[str, Any]:
@@ -107,7 +141,8 @@ def main() -> int:
     try:
         with open(env.get("RUN_FILE", "/etc/tsubasa-distill/run.yaml")) as f:
             run_spec = yaml.safe_load(f)
-        rayjobs = [build(run_spec["template"], run) for run in run_spec["runs"]]
+        runs = expand(run_spec["runs"], env.get("TSUBASA_API_KEYS", ""))
+        rayjobs = [build(run_spec["template"], run) for run in runs]
         namespace = env.get("NAMESPACE") or _read(f"{SA_DIR}/namespace")
         token = _read(env.get("K8S_TOKEN_FILE", f"{SA_DIR}/token"))
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:

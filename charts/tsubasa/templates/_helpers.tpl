@@ -115,6 +115,7 @@ app.kubernetes.io/component: {{ .component }}
     "dead_letter_topic" .Values.kafka.topics.deadLetter.name
     "group_id" .Values.kafka.groupId)
   "adapters" (dict "root" (include "tsubasa.adapterRoot" .))
+  "distill" (dict "work_dir" (include "tsubasa.distillWorkDir" .))
   "serve" (dict "host" "0.0.0.0" "port" 8000)
 }}
 {{- $_ := set $owned.kafka "security_protocol" .Values.kafka.securityProtocol }}
@@ -422,6 +423,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if $rs.gpuWorkers.enabled }}
 {{- include "tsubasa.assertPositiveInt" (list "rayService.gpuWorkers.gpus" $rs.gpuWorkers.gpus 1) }}
+{{- /* One GPU per LLM replica (services/serve/app.py): the group must hold the most replicas Serve asks for. */}}
+{{- $sc := dict }}
+{{- if and (kindIs "map" $v.config) (kindIs "map" $v.config.serve) }}{{ $sc = $v.config.serve }}{{ end }}
+{{- $field := ternary "max_replicas" "llm_replicas" (eq (toString (get $sc "autoscaling")) "true") }}
+{{- $want := int (get $sc $field | default (ternary 4 1 (eq $field "max_replicas"))) }}
+{{- $room := mul (int $rs.gpuWorkers.maxReplicas) (int $rs.gpuWorkers.gpus) }}
+{{- if gt $want $room }}
+{{- fail (printf "values: config.serve.%s=%d LLM replicas need %d GPUs, but rayService.gpuWorkers holds at most maxReplicas x gpus = %d" $field $want $want $room) }}
+{{- end }}
 {{- end }}
 {{- if and (kindIs "map" $v.config) (kindIs "map" $v.config.model) }}
 {{- if and (eq (toString $v.config.model.engine) "vllm") (not $rs.gpuWorkers.enabled) }}
@@ -452,6 +462,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 {{- include "tsubasa.assertList" (list "distill.tenants" $d.tenants) }}
+{{- include "tsubasa.assertMap" (list "distill.job" $d.job) }}
+{{- if and (eq $d.scheduler "raycronjob") (not $d.tenants) }}
+{{- fail "values: distill.scheduler=raycronjob needs distill.tenants (the cronjob scheduler can instead distil every tenant in the API keys Secret)" }}
+{{- end }}
 {{- include "tsubasa.assertList" (list "distill.command" $d.command) }}
 {{- include "tsubasa.assertList" (list "distill.args" $d.args) }}
 {{- range $t := $d.tenants }}
@@ -556,17 +570,40 @@ spec:
 {{- join " " $words }}
 {{- end }}
 
-{{/* One distillation run's entrypoint: (dict "ctx" $ "tenant" "acme"|"") */}}
+{{/* One distillation run's entrypoint: (dict "ctx" $ "tenant" "acme"|"") ; an empty tenant leaves
+     the `{tenant}` placeholder the launcher fills for every tenant in the API keys Secret. */}}
 {{- define "tsubasa.distillEntrypoint" -}}
 {{- $d := .ctx.Values.distill }}
-{{- $sel := list "--all-tenants" }}
-{{- if .tenant }}{{ $sel = list "--tenant" .tenant }}{{ end }}
-{{- include "tsubasa.shellJoin" (concat $d.command $sel (list "--all-new") $d.args) }}
+{{- /* Tenant ids are validated identifiers (no shell-special characters): never quoted. */}}
+{{- include "tsubasa.shellJoin" $d.command }} --tenant {{ default "{tenant}" .tenant }} {{ include "tsubasa.shellJoin" (concat (list "--all-new" "--job-config" "/etc/tsubasa/distill-job.yaml") $d.args) }}
+{{- end }}
+
+{{/* The distillation job file (services/train/config.py: `settings` + `job`): distill.job with
+     Ray Train's size taken from distill.workers. Settings come from TSUBASA_CONFIG, not from here. */}}
+{{- define "tsubasa.distillJobDocument" -}}
+{{- $w := .Values.distill.workers }}
+{{- $job := deepCopy (default dict .Values.distill.job) }}
+{{- if gt (int $w.gpus) 0 }}
+{{- $job = mergeOverwrite $job (dict "num_workers" (mul (int $w.replicas) (int $w.gpus)) "use_gpu" true "gpus_per_worker" 1) }}
+{{- else }}
+{{- $job = mergeOverwrite $job (dict "num_workers" (int $w.replicas) "use_gpu" false) }}
+{{- end }}
+{{- toYaml (dict "settings" dict "job" $job) }}
+{{- end }}
+
+{{/* Shared work directory of a distillation run (QA and teacher caches, Ray Train checkpoints):
+     every pod of the RayJob must see it. Hidden from the adapter registry by its leading dot. */}}
+{{- define "tsubasa.distillWorkDir" -}}
+{{- if .Values.distill.workDir }}
+{{- .Values.distill.workDir }}
+{{- else }}
+{{- printf "%s/.distill" (include "tsubasa.adapterRoot" . | trimSuffix "/") }}
+{{- end }}
 {{- end }}
 
 {{/* Label value identifying one scheduled job (tenant ids may hold characters labels refuse). */}}
 {{- define "tsubasa.distillJobKey" -}}
-{{- if . }}{{ sha256sum . | trunc 16 }}{{ else }}all-tenants{{ end }}
+{{- if . }}{{ sha256sum . | trunc 16 }}{{ else }}per-api-key-tenant{{ end }}
 {{- end }}
 
 {{/* RayJob spec of one distillation run: (dict "ctx" $ "tenant" "acme"|"") */}}
