@@ -46,10 +46,13 @@ def gateway_deployment_options(settings: Settings) -> dict[str, Any]:
     return {
         "name": "gateway",
         "num_replicas": sc.gateway_replicas,
-        # The replica admits running + queued requests itself and answers 429 past them (with
-        # Retry-After); Serve's own bound sits just above so its 503 is the last resort.
-        "max_ongoing_requests": sc.max_ongoing_requests + sc.max_queued_requests + 8,
-        "max_queued_requests": sc.max_queued_requests,
+        # The replica admits running + queued chat requests itself and answers 429 past them (with
+        # Retry-After); refusals are cheap, so Serve's own bound sits well above and its 503 is
+        # the last resort.
+        "max_ongoing_requests": 2 * (sc.max_ongoing_requests + sc.max_queued_requests) + 16,
+        # Serve counts a burst's requests as queued while it picks a replica for them, so this
+        # bound is for the proxy's assignment queue, kept wide enough for bursts.
+        "max_queued_requests": 4 * sc.max_queued_requests + 64,
         "ray_actor_options": {"num_cpus": 0.25},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": sc.request_timeout_s,

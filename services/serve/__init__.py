@@ -1,0 +1,1 @@
+"""Ray Serve adapters: the OpenAI-compatible gateway and the multi-LoRA LLM deployment."""
