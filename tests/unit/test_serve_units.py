@@ -1,0 +1,118 @@
+"""Serving pieces that need no Ray: key parsing and lookup, adapter pinning against LRU eviction,
+mixed-adapter batching, per-token stream deltas, the grounded prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.serve.auth import APIKeyAuth, AuthError, hash_key, parse_key_spec
+from services.serve.llm import AdapterPool, GenerateRequest, LoadedAdapter, MixedBatcher, run_mixed
+from services.serve.serving import build_messages, token_deltas
+from tsubasa.llm.base import ChatMessage, Generation, SamplingParams
+from tsubasa.memory.retrieve import Grounding, GroundingItem
+
+
+def test_api_keys_map_to_tenants_and_refuse_the_rest():
+    spec = f"acme:{hash_key('k1')}, globex:{hash_key('k2')},acme:{hash_key('k3')}"
+    auth = APIKeyAuth(parse_key_spec(spec))
+    assert auth.tenant_for("Bearer k1") == auth.tenant_for(None, "k3") == "acme"
+    assert auth.tenant_for("Bearer k2") == "globex"
+    for header in (None, "", "Bearer ", "Basic k1", "Bearer k4"):
+        with pytest.raises(AuthError):
+            auth.tenant_for(header)
+    for bad in ("acme", "acme:xyz", f"bad tenant:{hash_key('k')}", f"a:{hash_key('k')},b:{hash_key('k')}"):
+        with pytest.raises(ValueError):
+            parse_key_spec(bad)
+    assert parse_key_spec("") == {}
+
+
+class _Engine:
+    """Records load/unload calls; generates text naming the adapter of each row."""
+
+    model_name = "fake"
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, str] = {}
+        self.calls: list[list[str | None]] = []
+
+    def load_adapter(self, name, path):
+        self.loaded[name] = path
+
+    def unload_adapter(self, name):
+        del self.loaded[name]
+
+    def loaded_adapters(self):
+        return list(self.loaded)
+
+    def generate(self, prompts, params=None, adapters=None):
+        adapters = list(adapters or [None] * len(prompts))
+        self.calls.append(adapters)
+        for a in adapters:
+            assert a is None or a in self.loaded, f"{a} used after unload"
+        return [Generation(text=str(a), token_ids=[], prompt_tokens=1, completion_tokens=0, finish_reason="stop",
+                           adapter=a) for a in adapters]
+
+
+def test_pool_defers_eviction_while_a_request_holds_the_adapter():
+    eng = _Engine()
+    pool = AdapterPool(eng)
+    loaded = LoadedAdapter(pool, "t/u/v0001", "/p1", pool.load("t/u/v0001", "/p1"))
+    pool.acquire("t/u/v0001")
+    loaded.__del__()  # Serve's LRU evicts it while a request is in flight
+    assert "t/u/v0001" in eng.loaded
+    pool.release("t/u/v0001")
+    assert "t/u/v0001" not in eng.loaded
+    loaded.__del__()  # the GC calling it again is harmless
+
+
+def test_stale_eviction_does_not_unload_a_reloaded_adapter():
+    eng = _Engine()
+    pool = AdapterPool(eng)
+    old = LoadedAdapter(pool, "a", "/p", pool.load("a", "/p"))
+    new = LoadedAdapter(pool, "a", "/p", pool.load("a", "/p"))  # reloaded before the old eviction ran
+    old.__del__()
+    assert "a" in eng.loaded
+    new.__del__()
+    assert "a" not in eng.loaded
+
+
+def test_batcher_mixes_adapters_in_one_engine_call():
+    eng = _Engine()
+    pool = AdapterPool(eng)
+    for name in ("a", "b"):
+        pool.load(name, f"/{name}")
+    batcher = MixedBatcher(lambda reqs: run_mixed(eng, reqs), max_batch=8, wait_s=0.05)
+    msgs = [ChatMessage(role="user", content="q")]
+
+    async def go():
+        reqs = [GenerateRequest(messages=msgs, params=SamplingParams(), adapter=a) for a in ("a", None, "b", "a")]
+        return await asyncio.gather(*(batcher.submit(r) for r in reqs))
+
+    gens = asyncio.run(go())
+    assert [g.text for g in gens] == ["a", "None", "b", "a"]
+    assert eng.calls == [["a", None, "b", "a"]]  # one call, four rows, three adapters
+
+
+def test_token_deltas_concatenate_to_the_answer():
+    pieces = {1: " Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!  "}
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids)
+
+    out = list(token_deltas([1, 2, 3, 4, 5], "Hello world!", decode))
+    assert "".join(out) == "Hello world!" and len(out) >= 4
+    assert "".join(token_deltas([1, 2, 3], "Hello", decode)) == "Hello"  # cut by a stop string
+
+
+def test_grounded_prompt_is_the_student_prompt_plus_client_context():
+    g = Grounding(source="memories", text="", tokens=3,
+                  items=[GroundingItem(id="m1", text="On 2023-05-08, Alice adopted a cat.", score=0.9)])
+    msgs = build_messages([ChatMessage(role="system", content="Be brief."),
+                           ChatMessage(role="user", content="earlier"),
+                           ChatMessage(role="assistant", content="ok"),
+                           ChatMessage(role="user", content="Which pet?")], g)
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[0].content.endswith("Be brief.")
+    assert "- On 2023-05-08, Alice adopted a cat." in msgs[-1].content and "Which pet?" in msgs[-1].content
