@@ -228,7 +228,10 @@ def backfill(settings: Settings, *, reader: Reader = "auto", starts: dict[int, i
     """Read the topic's retained history (bounded) and append every valid turn to the raw log."""
     import ray
 
+    from services.ingest.service import prepare_store
+
     cfg = settings.kafka
+    prepare_store(settings)
     partitions = topic_partitions(cfg)
     ends = fetch_end_offsets(cfg, partitions)
     chosen, why = choose_reader(cfg, partitions, ends, reader)

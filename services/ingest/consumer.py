@@ -412,7 +412,7 @@ class PartitionConsumer:
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=10_000)
         except KafkaError as exc:  # broker away: keep the old commit point, try again next interval
             log.warning("%s: commit failed (%r); will retry", self.name, exc)
             return

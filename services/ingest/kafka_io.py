@@ -105,7 +105,7 @@ def committed_offsets(cfg: KafkaConfig, partitions: list[int] | None = None) -> 
     c = make_consumer(cfg)
     try:
         parts = partitions if partitions is not None else topic_partitions(cfg)
-        return {p: c.committed(TopicPartition(cfg.topic, p)) for p in parts}
+        return {p: c.committed(TopicPartition(cfg.topic, p), timeout_ms=10_000) for p in parts}
     finally:
         c.close()
 

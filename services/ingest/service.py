@@ -51,6 +51,13 @@ def check_milvus_uri(settings: Settings) -> None:
             "--port 19530` and set TSUBASA_MILVUS__URI=http://127.0.0.1:19530 (or use a Milvus cluster).")
 
 
+def prepare_store(settings: Settings) -> None:
+    """Create the Milvus collections once, before several actors would race to create them."""
+    from tsubasa.memory.store import MilvusStore
+
+    MilvusStore(settings.milvus, uri=settings.milvus_uri)
+
+
 def assign_partitions(partitions: list[int], n_consumers: int) -> list[list[int]]:
     """Partition p goes to consumer p mod N (N capped at the number of partitions)."""
     n = max(1, min(n_consumers, len(partitions)))
@@ -76,6 +83,7 @@ class IngestService:
         if not ray.is_initialized():
             raise RuntimeError("call ray.init() (or tsubasa ingest run) before starting the ingest service")
         ensure_topics(self.cfg)
+        prepare_store(self.settings)
         self.partitions = topic_partitions(self.cfg)
         self.assignment = assign_partitions(self.partitions, self.cfg.consumers)
         opts = {"max_restarts": -1, "num_cpus": self.cfg.actor_num_cpus}

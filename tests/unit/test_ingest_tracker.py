@@ -1,0 +1,89 @@
+"""Session-close and commit-point rules of the ingest consumer (pure bookkeeping, no Kafka)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from services.ingest.kafka_io import DeadLetter, partition_for_key
+from services.ingest.service import assign_partitions
+from services.ingest.session_writer import shard_of
+from services.ingest.tracker import PartitionTracker
+from tsubasa.schema import Event, EventKind
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def ev(user: str, session: str, i: int, kind: EventKind = EventKind.TURN) -> Event:
+    turn = kind == EventKind.TURN
+    return Event(event_id=f"{user}.{session}.{i}", tenant_id="t", user_id=user, session_id=session, timestamp=T0,
+                 kind=kind, speaker="A" if turn else "", text="hello" if turn else "")
+
+
+def never(_key) -> bool:
+    return False
+
+
+def test_session_end_closes_and_pins_until_processed():
+    t = PartitionTracker(0, start_offset=10)
+    assert t.observe(ev("u", "s1", 0), 10, 0.0, never) == []
+    assert t.observe(ev("u", "s1", 1), 11, 0.0, never) == []
+    assert t.commit_offset() == 10  # the open session pins its first event
+    closes = t.observe(ev("u", "s1", 2, EventKind.SESSION_END), 12, 0.0, never)
+    assert [(c.session_id, c.reason, c.pin, c.trigger_offset) for c in closes] == [("s1", "end", 10, 12)]
+    assert t.commit_offset() == 10  # closed, not yet processed
+    t.finished(("t", "u", "s1"))
+    assert t.commit_offset() == 13
+
+
+def test_newer_session_closes_the_previous_one():
+    t = PartitionTracker(0, 0)
+    t.observe(ev("u", "s1", 0), 0, 0.0, never)
+    t.observe(ev("v", "s9", 0), 1, 0.0, never)
+    closes = t.observe(ev("u", "s2", 0), 2, 0.0, never)
+    assert [(c.session_id, c.reason) for c in closes] == [("s1", "newer")]
+    t.finished(("t", "u", "s1"))
+    assert t.commit_offset() == 1  # v's open session still pins
+
+
+def test_idle_close_only_when_caught_up():
+    t = PartitionTracker(0, 0)
+    t.observe(ev("u", "s1", 0), 0, 100.0, never)
+    assert t.idle(200.0, 30.0, caught_up=False) == []  # a backlog may still hold its next turn
+    assert t.idle(120.0, 30.0, caught_up=True) == []
+    closes = t.idle(131.0, 30.0, caught_up=True)
+    assert [(c.session_id, c.reason, c.trigger_offset) for c in closes] == [("s1", "idle", -1)]
+
+
+def test_events_of_processed_sessions_neither_open_nor_close():
+    t = PartitionTracker(0, 0)
+    t.observe(ev("u", "s2", 0), 5, 0.0, never)
+    late = t.observe(ev("u", "s1", 7), 6, 0.0, lambda key: key == ("t", "u", "s1"))
+    assert late == [] and t.late_events == 1 and t.open[("t", "u")].session_id == "s2"
+    dup_end = t.observe(ev("u", "s1", 8, EventKind.SESSION_END), 7, 0.0, lambda key: key == ("t", "u", "s1"))
+    assert dup_end == [] and t.commit_offset() == 5
+
+
+def test_dead_lettered_records_advance_the_commit_point():
+    t = PartitionTracker(0, 0)
+    t.handled(0)
+    t.handled(1)
+    assert t.commit_offset() == 2
+
+
+def test_partitioning_sharding_and_assignment_are_stable():
+    # kafka-python / Java client murmur2: the same key always lands on the same partition
+    assert partition_for_key("acme:alice", 8) == partition_for_key(b"acme:alice", 8)
+    assert {shard_of("acme", "alice", 4) for _ in range(3)} == {shard_of("acme", "alice", 4)}
+    assert assign_partitions([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert assign_partitions([0, 1], 5) == [[0], [1]]
+
+
+def test_dead_letter_record_keeps_the_original_bytes():
+    import json
+
+    raw = b"\xff\xfe not utf-8"
+    d = DeadLetter("not valid JSON", "validation", "events", 3, 41, b"k", raw)
+    rec = json.loads(d.to_json())
+    assert rec["reason"] == "not valid JSON" and rec["source"] == {"topic": "events", "partition": 3, "offset": 41,
+                                                                   "key": "k"}
+    assert DeadLetter.original_payload(rec) == raw
