@@ -258,6 +258,9 @@ def test_ingest_service_is_a_single_recreated_pod():
     assert not find(docs, "PodDisruptionBudget")
     config = yaml.safe_load(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.yaml"])
     assert config["kafka"]["consumers"] == 8 and config["kafka"]["partitions"] == 24
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(c)["TSUBASA_MODEL__NAME"]["value"] == "Qwen/Qwen3-8B"  # this pod's extraction model
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     assert config["kafka"]["security_protocol"] == "SASL_SSL" and config["kafka"]["sasl_username"] == "tsubasa"
 
 

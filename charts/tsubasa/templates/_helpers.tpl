@@ -448,6 +448,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- include "tsubasa.assertPositiveInt" (list "ingest.gpus" $v.ingest.gpus 0) }}
 {{- include "tsubasa.assertList" (list "ingest.command" $v.ingest.command) }}
 {{- include "tsubasa.assertList" (list "ingest.args" $v.ingest.args) }}
+{{- include "tsubasa.assertList" (list "ingest.env" $v.ingest.env) }}
 {{- end }}
 {{/* distillation */}}
 {{- $d := $v.distill }}
