@@ -107,6 +107,10 @@ class AdapterPool:
                 del self._refs[name]
                 self._maybe_unload(name)
 
+    def path_of(self, name: str) -> str | None:
+        with self._lock:
+            return self._paths.get(name)
+
     def resident(self) -> list[str]:
         with self._lock:
             return sorted(self._paths)
@@ -224,22 +228,31 @@ class LLMServerCore:
         self.batcher = MixedBatcher(lambda reqs: run_mixed(self.engine, reqs), sc.max_batch_size,
                                     sc.batch_wait_timeout_s)
 
+    def resolve_path(self, name: str) -> str:
+        """Local directory of adapter version `name` (downloaded once from a remote registry)."""
+        return self.registry.local_path(self.registry.get_by_name(name))
+
     def load(self, name: str) -> LoadedAdapter:
-        """Load adapter version `name` from the registry (blocking)."""
-        version = self.registry.get_by_name(name)
-        path = self.registry.local_path(version)
-        token = self.pool.load(name, path)
-        return LoadedAdapter(self.pool, name, path, token)
+        """Load adapter version `name` for Serve's multiplexing cache (blocking); the returned
+        object's `__del__` (Serve's LRU eviction) unloads it."""
+        path = self.resolve_path(name)
+        return LoadedAdapter(self.pool, name, path, self.pool.load(name, path))
 
     async def generate(self, req: GenerateRequest, loaded: LoadedAdapter | None = None) -> Generation:
-        if req.adapter is None:
+        """Generate through the batcher; without Serve (`loaded` None) adapters stay resident."""
+        name = req.adapter
+        if name is None:
             return await self.batcher.submit(req)
-        loaded = loaded or await asyncio.to_thread(self.load, req.adapter)
-        self.pool.acquire(req.adapter, loaded.path)  # pinned until this request is done
+        if loaded is not None:
+            path = loaded.path
+        elif (path := self.pool.path_of(name)) is None:
+            path = await asyncio.to_thread(self.resolve_path, name)
+            await asyncio.to_thread(self.pool.load, name, path)
+        self.pool.acquire(name, path)  # pinned until this request is done
         try:
             return await self.batcher.submit(req)
         finally:
-            self.pool.release(req.adapter)
+            self.pool.release(name)
 
     def stats(self) -> dict[str, Any]:
         return {"model": self.settings.model.name, "engine": self.settings.model.engine,
