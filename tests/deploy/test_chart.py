@@ -337,7 +337,12 @@ def test_distill_job_file_is_accepted_by_the_training_config(value_set, tmp_path
         assert job.strategy in ("fsdp", "deepspeed_zero3") and job.mixed_precision == "bf16"
     else:
         assert not job.use_gpu and job.num_workers == sum(w["replicas"] for w in workers)
-    assert settings.distill.work_dir.endswith("/.distill")
+    # Checkpoints must be shared by every pod of the run; caches are local paths (JsonCache).
+    assert "://" not in settings.distill.work_dir
+    if settings.adapters.root.startswith("s3://"):
+        assert job.storage_path == settings.adapters.root + "/.distill/checkpoints"
+    else:
+        assert settings.distill.work_dir == "/adapters/.distill" and not job.storage_path
 
 
 def test_distill_raycronjob_scheduler():

@@ -584,6 +584,10 @@ spec:
 {{- define "tsubasa.distillJobDocument" -}}
 {{- $w := .Values.distill.workers }}
 {{- $job := deepCopy (default dict .Values.distill.job) }}
+{{- /* Ray Train checkpoints must be reachable from every pod of the run: S3 next to the adapters. */}}
+{{- if and (eq .Values.adapters.storage "s3") (not (hasKey $job "storage_path")) (not .Values.distill.workDir) }}
+{{- $_ := set $job "storage_path" (printf "%s/.distill/checkpoints" (.Values.adapters.s3.url | trimSuffix "/")) }}
+{{- end }}
 {{- if gt (int $w.gpus) 0 }}
 {{- $job = mergeOverwrite $job (dict "num_workers" (mul (int $w.replicas) (int $w.gpus)) "use_gpu" true "gpus_per_worker" 1) }}
 {{- else }}
@@ -592,13 +596,16 @@ spec:
 {{- toYaml (dict "settings" dict "job" $job) }}
 {{- end }}
 
-{{/* Shared work directory of a distillation run (QA and teacher caches, Ray Train checkpoints):
-     every pod of the RayJob must see it. Hidden from the adapter registry by its leading dot. */}}
+{{/* Work directory of distillation (QA / teacher-target caches, by `tsubasa distill`; local paths
+     only): the adapters PVC when there is one (shared, so caches survive between runs), else the
+     pod's own data volume (caches are recomputed per run). Hidden from the registry by its dot. */}}
 {{- define "tsubasa.distillWorkDir" -}}
 {{- if .Values.distill.workDir }}
 {{- .Values.distill.workDir }}
+{{- else if eq .Values.adapters.storage "pvc" }}
+{{- printf "%s/.distill" (.Values.adapters.pvc.mountPath | trimSuffix "/") }}
 {{- else }}
-{{- printf "%s/.distill" (include "tsubasa.adapterRoot" . | trimSuffix "/") }}
+{{- print "/var/lib/tsubasa/distill" }}
 {{- end }}
 {{- end }}
 
