@@ -32,13 +32,15 @@ was in Hawaii?", gold answer "A shell necklace": any answer naming that necklace
 For questions about time, the gold answer is a date, month or year. If the generated answer points
 to the same date or period, it is CORRECT, whatever its format ("May 7th" and "7 May" are the same)
 and even if it uses relative terms ("last Tuesday") that resolve to it.
+Give one short sentence of reasoning, then the label. Never write both labels.
+Return the label as JSON with the key "label", for example {{"label": "CORRECT"}}.
 
 Question: {question}
 Gold answer: {gold}
 Generated answer: {prediction}
-
-Give one short sentence of reasoning, then the label. Never write both labels.
-Return the label as JSON with the key "label", for example {{"label": "CORRECT"}}."""
+Reasoning and label:"""
+# The item comes last so that every judge prompt shares the instructions as a token prefix
+# (a local judge computes their key/value cache once).
 
 _JSON_OBJ = re.compile(r"\{[^{}]*\}", re.S)
 _LABEL_KEY = re.compile(r"""["']?label["']?\s*[:=]\s*["']?\s*(correct|wrong|incorrect)\b""", re.I)
@@ -113,17 +115,27 @@ class Judge(Protocol):
 
 
 class EngineJudge:
-    """A local engine as the judge (greedy decoding)."""
+    """A local engine as the judge (greedy decoding). With the transformers engine the shared
+    instructions are prefilled once (`PrefixCachedGenerator`); answers are the same either way."""
 
-    def __init__(self, engine: Engine, max_new_tokens: int = 48) -> None:
+    def __init__(self, engine: Engine, max_new_tokens: int = 48, prefix_cache: bool = True) -> None:
+        from tsubasa.eval.prefix import PrefixCachedGenerator
+
         self.engine = engine
         self.name = f"local:{engine.model_name}"
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        self.generator = PrefixCachedGenerator(engine) if prefix_cache else None
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         if not items:
             return []
-        gens = self.engine.generate([judge_messages(it) for it in items], self.params)
+        prompts = [judge_messages(it) for it in items]
+        if self.generator is not None and self.generator.supported:
+            probe = [judge_messages(JudgeItem(question=q, gold="-", prediction="-")) for q in ("A?", "B?")]
+            self.generator.set_prefix(*probe)
+            gens = self.generator.generate(prompts, self.params)
+        else:
+            gens = self.engine.generate(prompts, self.params)
         return [Verdict(label=parse_judge_reply(g.text), raw=g.text, judge=self.name) for g in gens]
 
 
