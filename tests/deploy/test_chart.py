@@ -130,6 +130,12 @@ def test_default_images_follow_app_version():
     assert images == {f"ghcr.io/tsubasa-ai/tsubasa:{app_version}", f"ghcr.io/tsubasa-ai/tsubasa:{app_version}-gpu"}
 
 
+def test_every_ray_cluster_uses_token_auth():
+    docs = render()
+    assert one(docs, "RayService")["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    assert all(j["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"} for j in distill_rayjobs(docs))
+
+
 # ------------------------------------------------------------------ configuration and secrets
 
 
