@@ -2,9 +2,8 @@
 in RUN_FILE, through the Kubernetes API with the pod's ServiceAccount. Run by the chart's CronJob.
 
 Standard library plus PyYAML (a tsubasa dependency), so it runs in the application image without
-kubectl. A RayJob whose
-previous run is still active is skipped (FORBID_CONCURRENT), and finished RayJobs beyond
-HISTORY_LIMIT per scheduled job are deleted (KubeRay already deleted their RayClusters).
+kubectl. A RayJob whose previous run is still active is skipped (FORBID_CONCURRENT), and finished
+RayJobs beyond HISTORY_LIMIT per scheduled job are deleted (KubeRay already deleted their clusters).
 
 A run with tenant "*" stands for every tenant holding an API key: it is expanded from
 TSUBASA_API_KEYS (`tenant:sha256hex,...`, mounted from the API keys Secret), its entrypoint's
