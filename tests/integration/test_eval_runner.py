@@ -14,7 +14,15 @@ from typer.testing import CliRunner
 from tsubasa.eval.judge import EngineJudge
 from tsubasa.eval.locomo import get_conversation
 from tsubasa.eval.report import load_run, summarize, token_ratio, write_report
-from tsubasa.eval.runner import ROWS_FILE, LocomoRunner, RunSpec, RunSpecMismatchError, ensure_memory, read_rows
+from tsubasa.eval.runner import (
+    ROWS_FILE,
+    LocomoRunner,
+    MemoryModeError,
+    RunSpec,
+    RunSpecMismatchError,
+    ensure_memory,
+    read_rows,
+)
 from tsubasa.eval.systems import BUILTIN_SYSTEMS
 from tsubasa.memory.retrieve import Retriever
 from tsubasa.memory.writer import MemoryWriter
@@ -151,3 +159,15 @@ def test_cli_report_rejects_a_directory_that_is_not_a_run(tmp_path):
 
     res = CliRunner().invoke(app, ["eval", "report", str(tmp_path)])
     assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+def test_turns_mode_stores_raw_turns_only_and_refuses_memory_systems(tmp_path, conv, backend):
+    stats = ensure_memory(backend, conv, "t2", "conv-26", mode="turns")
+    assert stats["sessions_built"] == 1
+    counts = backend.store.counts("t2")[("t2", "conv-26")]
+    assert counts["turns"] == len(conv.sessions[0].turns) and counts["observations"] == 0
+    assert ensure_memory(backend, conv, "t2", "conv-26", mode="turns")["sessions_built"] == 0
+    runner = LocomoRunner(_spec(systems=["rag-turns", "memory-evolving"], tenant="t2"), tmp_path / "r", [conv],
+                          backend, None)
+    with pytest.raises(MemoryModeError, match="memory-evolving"):
+        runner.run(memory_mode="turns")

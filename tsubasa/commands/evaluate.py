@@ -72,8 +72,9 @@ def locomo(
     run_dir: Path | None = typer.Option(None, "--run-dir", "-o",
                                         help="Run directory (default: <eval.runs_dir>/locomo-<model>-<convs>)."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, max=256, help="Questions per generate call."),
-    build_memory: bool = typer.Option(True, "--build-memory/--no-build-memory",
-                                      help="Ingest sessions missing from the memory first (idempotent)."),
+    memory_mode: str = typer.Option("build", "--memory",
+                                    help="build: ingest sessions missing from the store first (idempotent); "
+                                         "turns: raw turns only (full-context, rag-turns); existing: as is."),
     data: Path | None = typer.Option(None, "--data", help="locomo10.json (default: eval.locomo_path)."),
     config: Path | None = ConfigOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -83,7 +84,7 @@ def locomo(
     from tsubasa.eval.judge import make_judge
     from tsubasa.eval.locomo import LocomoNotFoundError, load_locomo, parse_categories, select_conversations
     from tsubasa.eval.report import summarize, token_ratio, write_report
-    from tsubasa.eval.runner import LocomoRunner, RunSpec, RunSpecMismatchError, read_rows
+    from tsubasa.eval.runner import LocomoRunner, MemoryModeError, RunSpec, RunSpecMismatchError, read_rows
     from tsubasa.eval.systems import ANSWER_SYSTEM_PROMPTS, BUILTIN_SYSTEMS, available_systems
     from tsubasa.schema import InvalidIdentifierError, validate_identifier
 
@@ -92,6 +93,8 @@ def locomo(
         validate_identifier(tenant, "--tenant")
     except InvalidIdentifierError as exc:
         fail(str(exc))
+    if memory_mode not in ("build", "turns", "existing"):
+        fail(f"--memory: unknown mode {memory_mode!r}; use build, turns or existing")
     if prompt not in ANSWER_SYSTEM_PROMPTS:
         fail(f"--prompt: unknown style {prompt!r}; use {', '.join(ANSWER_SYSTEM_PROMPTS)}")
     known = available_systems()
@@ -153,13 +156,26 @@ def locomo(
     with progress() as bar:
         task = bar.add_task("answer", total=max(len(items) - done_before, 0))
 
+        last_line = [0.0]
+
         def on_progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=max(done - done_before, 0))
+            # Under nohup (no terminal) the bar does not redraw: log a line with an ETA every 30 s.
+            now = time.perf_counter()
+            if not console.is_terminal and now - last_line[0] >= 30 and done > done_before:
+                last_line[0] = now
+                rate = (now - t0) / (done - done_before)
+                console.print(f"{time.strftime('%H:%M:%S')} {desc}: {done}/{total} rows, "
+                              f"{rate:.1f} s/row, eta {rate * (total - done) / 60:.0f} min", highlight=False)
 
         def on_build(desc: str) -> None:
             bar.update(task, description=f"memory {desc}")
 
-        result = runner.run(progress=on_progress, build_memory=build_memory, on_build=on_build)
+        try:
+            result = runner.run(progress=on_progress, memory_mode=memory_mode,  # type: ignore[arg-type]
+                                on_build=on_build)
+        except MemoryModeError as exc:
+            fail(f"--memory: {exc}")
     rows = [r for r in read_rows(out) if r["key"] in {it.key for it in items}]
     summaries = summarize(rows)
     command = "tsubasa " + " ".join(shlex.quote(a) for a in sys.argv[1:])

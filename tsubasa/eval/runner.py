@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -28,7 +28,7 @@ from tsubasa.eval.systems import AnswerSystem, PromptStyle, Question, SystemCont
 from tsubasa.llm.base import Engine
 from tsubasa.memory.retrieve import Retriever
 from tsubasa.memory.store import MemoryStore
-from tsubasa.memory.writer import MemoryWriter
+from tsubasa.memory.writer import DONE, MemoryWriter
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ class MemoryBackend(Protocol):
 
     @property
     def writer(self) -> MemoryWriter: ...
+
+
+class MemoryModeError(ValueError):
+    """The memory mode cannot serve the systems asked for."""
 
 
 class RunSpecMismatchError(ValueError):
@@ -171,20 +175,34 @@ ProgressFn = Callable[[str, int, int], None]
 """(description, done, total) after every batch."""
 
 
-def ensure_memory(memory: MemoryBackend, conv: LocomoConversation, tenant: str, user: str,
-                  on_session: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Ingest the sessions of `conv` that the user's store has not finished (idempotent writer path)."""
-    from tsubasa.memory.writer import DONE
+MemoryMode = Literal["build", "turns", "existing"]
+TURN_ONLY_SOURCES = ("full-context", "rag-turns")
+"""Systems that read only the raw turn log (they can run before any extraction)."""
 
+
+def ensure_memory(memory: MemoryBackend, conv: LocomoConversation, tenant: str, user: str,
+                  on_session: Callable[[str], None] | None = None, mode: MemoryMode = "build") -> dict[str, int]:
+    """Bring the user's store up to date with `conv` through the idempotent writer path.
+
+    `build`: ingest every session not yet processed (turns, observations, evolved memory);
+    `turns`: append the raw turns only (no LLM; enough for full-context and rag-turns);
+    `existing`: leave the store as it is."""
     done, built = 0, 0
+    if mode == "existing":
+        return {"sessions_done_before": 0, "sessions_built": 0}
     for sess in conv.sessions:
         state = memory.store.session_state(tenant, user, sess.session_id)
-        if state is not None and state.state == DONE:
+        if (state is not None and state.state == DONE) or (
+                mode == "turns" and len(memory.store.session_turns(tenant, user, sess.session_id)) == len(sess.turns)):
             done += 1
             continue
         if on_session:
             on_session(f"{conv.sample_id} {sess.session_id}")
-        memory.writer.ingest(session_events(conv, sess, tenant, user))
+        events = session_events(conv, sess, tenant, user, close=mode == "build")
+        if mode == "build":
+            memory.writer.ingest(events)
+        else:
+            memory.writer.append(events)
         built += 1
     return {"sessions_done_before": done, "sessions_built": built}
 
@@ -225,8 +243,9 @@ class LocomoRunner:
             cache[key] = build_system(name, ctx)
         return cache[key]
 
-    def run(self, progress: ProgressFn | None = None, build_memory: bool = True,
+    def run(self, progress: ProgressFn | None = None, memory_mode: MemoryMode = "build",
             on_build: Callable[[str], None] | None = None) -> RunResult:
+        """Answer, score and judge every (system, k, question) not yet in rows.jsonl."""
         t_start = time.perf_counter()
         rows_path = self.run_dir / ROWS_FILE
         _repair_tail(rows_path)
@@ -234,9 +253,14 @@ class LocomoRunner:
         items = self.work()
         todo = [it for it in items if it.key not in done]
         skipped = len(items) - len(todo)
-        if build_memory and todo:
+        if memory_mode == "turns":
+            needy = sorted({it.system for it in todo if it.system not in TURN_ONLY_SOURCES})
+            if needy:
+                raise MemoryModeError(f"memory mode 'turns' stores raw turns only; {', '.join(needy)} need extracted "
+                                 "observations/memories (use 'build' or 'existing')")
+        if todo:
             for conv in {it.conv.sample_id: it.conv for it in todo}.values():
-                ensure_memory(self.memory, conv, self.asked.tenant, conv.sample_id, on_build)
+                ensure_memory(self.memory, conv, self.asked.tenant, conv.sample_id, on_build, memory_mode)
         systems: dict[tuple[str, int | None], AnswerSystem] = {}
         answered = 0
         if progress:
@@ -294,6 +318,7 @@ class LocomoRunner:
                 "evidence": ev,
                 "evidence_recall": (sum(e in set(ans.source_ids) for e in ev) / len(ev)) if ev else None,
                 "grounding": ans.grounding[:MAX_GROUNDING_CHARS], "grounding_ids": ans.grounding_ids,
-                "adapter": ans.adapter, "extra": ans.extra, "model": self.asked.model, "at": now,
+                "adapter": ans.adapter, "extra": ans.extra, "model": self.asked.model,
+                "store": self.asked.milvus_uri, "at": now,
             })
         return rows
