@@ -37,7 +37,7 @@ def list_(tenant: str = typer.Option(..., "--tenant", "-t", help="Tenant id."),
         fail(str(exc))
     table = Table(title=f"adapters of {tenant}" + (f"/{user}" if user else "") + f" in {reg.root}")
     for col in ("", "adapter", "variant", "loss", "d", "k", "rank", "examples", "final loss", "created"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # names and dates are never cut with an ellipsis
     for v in versions:
         m = v.manifest
         table.add_row("*" if current.get(v.user_id) == v.version else "", v.name, m.variant, m.loss, str(m.d),

@@ -102,7 +102,7 @@ def distill(
         results, errors = _run_ray(settings, job, workers, tenant, users, spec, store)
     table = Table(title="published adapters")
     for col in ("user", "adapter", "examples", "loss first -> last epoch", "train s", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in results:
         m = r.metrics
         table.add_row(f"{r.tenant_id}/{r.user_id}", r.adapter or "-", f"{m.get('n_examples', 0):.0f}",

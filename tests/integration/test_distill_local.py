@@ -1,0 +1,83 @@
+"""The laptop path on tiny-qwen3 and real Milvus Lite: `tsubasa distill --local` publishes an adapter,
+`tsubasa adapters list/show` read the registry, the evaluation harness answers through the adapter
+systems (TSUBASA, no grounding, vanilla FT), and the internalisation measure runs."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def seeded(settings, store, embedder, monkeypatch):
+    from distill_data import seed_user
+
+    seed_user(store, embedder, "acme", "alice")
+    fast = {"synth_mode": "template", "qa_per_user": 6, "lora_rank": 4, "lora_alpha": 8, "epochs": 1,
+            "batch_size": 4, "teacher_context_tokens": 256, "heldout_fraction": 0.34}
+    for k, v in fast.items():
+        monkeypatch.setenv(f"TSUBASA_DISTILL__{k.upper()}", str(v))
+    monkeypatch.setenv("TSUBASA_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("TSUBASA_MODEL__NAME", "tiny-qwen3")
+    monkeypatch.setenv("TSUBASA_MODEL__CACHE_DIR", str(settings.model.cache_dir))
+    monkeypatch.setenv("TSUBASA_MILVUS__URI", settings.milvus_uri)
+    from tsubasa.config import load_settings
+
+    return load_settings()
+
+
+def test_local_distill_registry_cli_and_eval_systems(seeded, store, embedder, tiny_engine):
+    from tsubasa.cli import app
+    from tsubasa.distill.eval_systems import MissingAdapterError
+    from tsubasa.distill.pipeline import distill_local, registry_for
+    from tsubasa.distill.train import TrainSpec
+    from tsubasa.eval.systems import Question, SystemContext, available_systems, build_system
+    from tsubasa.memory.retrieve import Retriever
+
+    settings = seeded
+    runner = CliRunner(env={"COLUMNS": "200"})
+    res = runner.invoke(app, ["distill", "--tenant", "acme", "--user", "alice", "--local"])
+    assert res.exit_code == 0, res.output
+    assert "acme/alice/v0001" in res.output
+    res = runner.invoke(app, ["adapters", "list", "--tenant", "acme"])
+    assert res.exit_code == 0 and "acme/alice/v0001" in res.output and "topd_kl" in res.output
+    res = runner.invoke(app, ["adapters", "show", "acme/alice"])
+    assert res.exit_code == 0 and '"data_hash"' in res.output and "adapter_model.safetensors" in res.output
+    res = runner.invoke(app, ["distill", "--tenant", "acme", "--all-new", "--local"])
+    assert res.exit_code == 0 and "no user of acme has memories newer" in res.output
+    assert runner.invoke(app, ["distill", "--tenant", "bad tenant", "--user", "x"]).exit_code == 2
+    assert runner.invoke(app, ["distill", "--tenant", "acme", "--user", "alice", "--variant", "nope"]).exit_code == 2
+
+    # The ablation variants go to their own registries; serving's registry keeps only the TSUBASA one.
+    for variant in ("no_grounding", "vanilla"):
+        spec = TrainSpec.from_config(settings.distill, variant)
+        [r] = distill_local(settings, [("acme", "alice")], spec, engine=tiny_engine, embedder=embedder, store=store)
+        assert r.version == 1 and registry_for(settings, spec).root.endswith(spec.tag)
+
+    systems = available_systems()
+    assert {"tsubasa", "tsubasa-no-grounding", "vanilla-ft", "tsubasa-d1", "tsubasa-d20"} <= set(systems)
+    ctx = SystemContext(engine=tiny_engine, store=store, retriever=Retriever(store, embedder, tiny_engine.count_tokens),
+                        k=3, max_new_tokens=8, options={"settings": settings})
+    q = [Question(tenant_id="acme", user_id="alice", question="What is the name of Alice's cat?")]
+    a = build_system("tsubasa", ctx).answer(q)[0]
+    assert a.adapter == "acme/alice/v0001" and a.grounding_tokens > 0 and len(a.grounding_ids) == 3
+    a = build_system("tsubasa-no-grounding", ctx).answer(q)[0]
+    assert a.adapter == "no_grounding-kl-d5-k0:acme/alice/v0001" and a.grounding_tokens == 0
+    a = build_system("vanilla-ft", ctx).answer(q)[0]
+    assert a.adapter == "vanilla-lm:acme/alice/v0001" and a.grounding_tokens > 0
+    with pytest.raises(MissingAdapterError, match="tsubasa distill --tenant acme --user alice --variant tsubasa --d 3"):
+        build_system("tsubasa-d3", ctx).answer(q)
+
+
+def test_internalisation_measure(seeded, store, embedder, tiny_engine):
+    from tsubasa.distill.measure import run_internalisation
+
+    report = run_internalisation(seeded, "acme", "alice", [1, 5], engine=tiny_engine, embedder=embedder, store=store)
+    labels = [r["label"] for r in report["rows"]]
+    assert labels == ["before (base model, k=3)", "after d=1 (k=3)", "after d=5 (k=3)",
+                      "before (base model, no grounding)", "after no-grounding d=5"]
+    assert report["n_heldout"] >= 1
+    for r in report["rows"]:
+        assert r["mean_kl"] >= 0 and 0 <= r["agreement"] <= 1
