@@ -81,22 +81,49 @@ BAD_DECISIONS = [
 ]
 
 
+SEED = "- [2023-05-01] Caroline lives in Boston with her partner and two cats. (turns: s0:0)"
+
+
+def seeded(store, embedder, cfg):
+    """A user whose memory already holds one fact, so later observations go to the LLM."""
+    w = MemoryWriter(store, embedder, ScriptedEngine(Replies({"Session date": SEED}, [])), cfg)
+    w.ingest(session("acme", "caro", "s0", -7, ["I live in Boston with my partner and our cats."]))
+
+
 def test_malformed_decisions_never_lose_an_observation(store, embedder):
+    seeded(store, embedder, forced_llm_cfg())
     facts = [f"Caroline {w} on day {i}." for i, w in enumerate(
         ["adopted a grey cat named Pixel", "ran a charity race for mental health", "painted a lake sunrise",
          "joined a pottery class downtown", "visited her grandmother in Ohio", "started learning the violin",
-         "signed up for a counseling course", "bought a used camper van", "planted tomatoes in her garden"])]
+         "signed up for a counseling course", "bought a used camper van"])]
     extraction = "\n".join(f"- [2023-05-08] {f} (turns: s1:0)" for f in facts)
     replies = Replies({"Session date": extraction}, list(BAD_DECISIONS))
     w = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg())
     _, results = w.ingest(session("acme", "caro", "s1", 0, ["Lots happened lately, let me tell you."]))
     mems = store.list_memories("acme", "caro")
-    # first observation has no neighbour (auto ADD); every malformed reply falls back to ADD
-    assert len(mems) == len(facts)
-    assert {m.text for m in mems} == set(facts)
-    assert results[0].fallbacks == len(BAD_DECISIONS) - 1
+    assert len(mems) == 1 + len(facts)  # every malformed reply falls back to ADD
+    assert set(facts) <= {m.text for m in mems}
+    assert results[0].fallbacks == len(BAD_DECISIONS) - 1  # "ADD ADD ADD IGNORE?" is a plain ADD
     assert replies.n_decide == len(BAD_DECISIONS)
 
+
+def test_two_decisions_on_one_memory_in_a_batch_are_applied_in_order(store, embedder):
+    seeded(store, embedder, forced_llm_cfg())
+    extraction = ("- [2023-05-08] Caroline adopted a third cat named Pixel. (turns: s1:0)\n"
+                  "- [2023-05-08] Caroline moved from Boston to Denver with her partner. (turns: s1:1)")
+    replies = Replies({"Session date": extraction}, [
+        "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner and three cats.",
+        "OPERATION: RECONCILE 1\nMEMORY: stale text based on the old version of memory one",
+        # asked again after the UPDATE changed memory 1:
+        "OPERATION: RECONCILE 1\nMEMORY: On 2023-05-01 Caroline lived in Boston with her partner and three "
+        "cats; on 2023-05-08 Caroline moved to Denver with them."])
+    w = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg())
+    w.ingest(session("acme", "caro", "s1", 0, ["Pixel joined us!", "And we moved to Denver."]))
+    (m,) = store.list_memories("acme", "caro")
+    assert replies.n_decide == 3 and m.version == 3
+    assert "Denver" in m.text and "three cats" in m.text
+    assert [v.op for v in store.memory_history("acme", "caro", m.memory_id)] == [
+        EvolutionOp.ADD, EvolutionOp.UPDATE, EvolutionOp.RECONCILE]
 
 def test_replay_is_a_no_op_and_never_asks_the_llm_again(store, embedder):
     replies = Replies({"Session date": "- [2023-05-08] Caroline joined a choir in Boston. (turns: s1:0)"}, [])
@@ -109,34 +136,41 @@ def test_replay_is_a_no_op_and_never_asks_the_llm_again(store, embedder):
     assert store.counts("acme") == before and replies.n_extract == 1
 
 
-def test_crash_mid_evolution_resumes_without_reasking(store, embedder):
-    facts = ["Caroline adopted a dog named Max.", "Caroline adopted a second dog named Bo.",
-             "Caroline walks both dogs every morning."]
-    extraction = "\n".join(f"- [2023-05-08] {f} (turns: s1:0)" for f in facts)
-    calls = {"decide": 0}
+class FailingEmbedder:
+    """The real embedder, except that the Nth call raises (a worker killed mid-session)."""
 
-    def crashing(prompt):
-        if is_extraction(prompt):
-            return extraction
-        calls["decide"] += 1
-        if calls["decide"] == 2:
+    def __init__(self, real, fail_on: str):
+        self.real, self.fail_on, self.dim = real, fail_on, real.dim
+
+    def embed(self, texts):
+        if any(self.fail_on in t for t in texts):
             raise RuntimeError("worker killed")
-        return "OPERATION: ADD\nMEMORY:"
+        return self.real.embed(texts)
 
-    evs = session("acme", "caro", "s1", 0, ["Dogs dogs dogs."])
-    w1 = MemoryWriter(store, embedder, ScriptedEngine(crashing), forced_llm_cfg())
+
+def test_crash_mid_evolution_resumes_without_reasking(store, embedder):
+    seeded(store, embedder, forced_llm_cfg())
+    facts = ["Caroline adopted a dog named Max.", "Caroline started pottery classes.", "Caroline bought a camper."]
+    extraction = "\n".join(f"- [2023-05-08] {f} (turns: s1:0)" for f in facts)
+    replies = Replies({"Session date": extraction}, [
+        "OPERATION: ADD\nMEMORY:",
+        "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner, two cats and a pottery wheel.",
+        "OPERATION: ADD\nMEMORY:"])
+    evs = session("acme", "caro", "s1", 0, ["Dogs, pottery and a camper."])
+    w1 = MemoryWriter(store, FailingEmbedder(embedder, "pottery wheel"), ScriptedEngine(replies), forced_llm_cfg())
     with pytest.raises(RuntimeError, match="worker killed"):
         w1.ingest(evs)
     assert store.session_state("acme", "caro", "s1").state == "extracted"
-    replies = Replies({}, ["OPERATION: ADD\nMEMORY:"])
-    w2 = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg())
-    w2.ingest(evs)
-    assert replies.n_extract == 0  # extraction is not regenerated
-    assert replies.n_decide == 1  # only the decision that never completed is asked again
-    assert sorted(m.text for m in store.list_memories("acme", "caro")) == sorted(facts)
+    again = Replies({}, [])
+    MemoryWriter(store, embedder, ScriptedEngine(again), forced_llm_cfg()).ingest(evs)
+    assert again.n_extract == 0 and again.n_decide == 0  # nothing is asked twice
+    texts = sorted(m.text for m in store.list_memories("acme", "caro"))
+    assert texts == sorted([facts[0], facts[2],
+                            "Caroline lives in Boston with her partner, two cats and a pottery wheel."])
     assert store.session_state("acme", "caro", "s1").state == "done"
-    assert all(len(store.memory_history("acme", "caro", m.memory_id)) == 1
-               for m in store.list_memories("acme", "caro"))
+    versions = sorted(len(store.memory_history("acme", "caro", m.memory_id))
+                      for m in store.list_memories("acme", "caro"))
+    assert versions == [1, 1, 2]
 
 
 def test_static_mode_appends_every_observation(store, embedder):

@@ -100,26 +100,48 @@ class MemoryManager:
     def candidates(self, obs: Observation, vector: np.ndarray) -> list[MemoryRecord]:
         return self.store.search_memories(obs.tenant_id, obs.user_id, vector, self.cfg.evolve_candidates)
 
-    def decide(self, obs: Observation, vector: np.ndarray) -> tuple[EvolutionDecision, list[MemoryRecord]]:
-        cands = self.candidates(obs, vector)
+    def _shortcut(self, cands: Sequence[MemoryRecord]) -> EvolutionDecision | None:
+        """Decisions that need no LLM: static mode, empty memory, clearly new or clearly known."""
         if self.cfg.mode == "static" or not cands:
-            return EvolutionDecision(op=EvolutionOp.ADD, auto=True, reason="static" if cands else "empty"), cands
+            return EvolutionDecision(op=EvolutionOp.ADD, auto=True, reason="static" if cands else "empty")
         best = cands[0].score or 0.0
         if best < self.cfg.add_below_similarity:
-            return EvolutionDecision(op=EvolutionOp.ADD, auto=True, reason=f"nearest {best:.2f}"), cands
+            return EvolutionDecision(op=EvolutionOp.ADD, auto=True, reason=f"nearest {best:.2f}")
         if best >= self.cfg.ignore_above_similarity:
-            return EvolutionDecision(op=EvolutionOp.IGNORE, auto=True, reason=f"nearest {best:.2f}"), cands
+            return EvolutionDecision(op=EvolutionOp.IGNORE, auto=True, reason=f"nearest {best:.2f}")
         if self.engine is None:
-            return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="no engine"), cands
-        listing = "\n".join(f"{i}. {dated(m.text, m.event_date)}" for i, m in enumerate(cands, 1))
-        prompt = msgs(("system", prompts.DECIDE_SYSTEM), ("user", prompts.DECIDE_USER.format(
-            candidates=listing, observation=dated(obs.text, obs.event_date))))
-        self.stats.llm_calls += 1
-        reply = self.engine.generate([prompt], SamplingParams(max_new_tokens=self.cfg.decide_max_new_tokens))[0]
-        d = self._checked(parse_decision(reply.text, len(cands)), obs, cands, reply.text)
-        if d.target is not None:
-            d.target_memory_id = cands[d.target - 1].memory_id
-        return d, cands
+            return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="no engine")
+        return None
+
+    def decide(self, obs: Observation, vector: np.ndarray) -> tuple[EvolutionDecision, list[MemoryRecord]]:
+        return self.decide_many([(obs, vector)])[0]
+
+    def decide_many(self, items: Sequence[tuple[Observation, np.ndarray]],
+                    ) -> list[tuple[EvolutionDecision, list[MemoryRecord]]]:
+        """Decide several observations against the memory as it is now, with one batched LLM call.
+
+        The caller applies them in order and re-decides one whose target an earlier one changed."""
+        out: list[tuple[EvolutionDecision, list[MemoryRecord]] | None] = [None] * len(items)
+        asks: list[tuple[int, Observation, list[MemoryRecord]]] = []
+        for i, (obs, vector) in enumerate(items):
+            cands = self.candidates(obs, vector)
+            d = self._shortcut(cands)
+            if d is None:
+                asks.append((i, obs, cands))
+            else:
+                out[i] = (d, cands)
+        if asks:
+            prompts_ = [msgs(("system", prompts.DECIDE_SYSTEM), ("user", prompts.DECIDE_USER.format(
+                candidates="\n".join(f"{j}. {dated(m.text, m.event_date)}" for j, m in enumerate(cands, 1)),
+                observation=dated(obs.text, obs.event_date)))) for _, obs, cands in asks]
+            self.stats.llm_calls += len(asks)
+            replies = self.engine.generate(prompts_, SamplingParams(max_new_tokens=self.cfg.decide_max_new_tokens))
+            for (i, obs, cands), reply in zip(asks, replies, strict=True):
+                d = self._checked(parse_decision(reply.text, len(cands)), obs, cands, reply.text)
+                if d.target is not None:
+                    d.target_memory_id = cands[d.target - 1].memory_id
+                out[i] = (d, cands)
+        return [o for o in out if o is not None]
 
     def _checked(self, d: EvolutionDecision | None, obs: Observation, cands: Sequence[MemoryRecord],
                  raw: str) -> EvolutionDecision:

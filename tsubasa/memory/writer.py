@@ -17,8 +17,8 @@ from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine
 from tsubasa.memory.evolve import MemoryManager
 from tsubasa.memory.observe import ObservationExtractor
-from tsubasa.memory.store import MemoryStore
-from tsubasa.schema import Event, EventKind, Turn
+from tsubasa.memory.store import MemoryStore, StoredObservation
+from tsubasa.schema import Event, EventKind, EvolutionDecision, EvolutionOp, Turn
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +85,46 @@ class MemoryWriter:
             self.store.set_session_state(tenant_id, user_id, session_id, EXTRACTED, len(obs))
         before = self.manager.stats.ops.copy(), self.manager.stats.fallbacks
         stored = self.store.session_observations(tenant_id, user_id, session_id)
-        for so in stored:
-            if so.applied:
-                continue
-            decision, cands = so.decision, None
-            if decision is None:  # persist the decision first: a replay never asks the LLM again
-                decision, cands = self.manager.decide(so.observation, so.vector)
-                self.store.record_decision(so.observation, so.vector, decision, applied=False)
-            self.manager.apply(so.observation, so.vector, decision, cands)
-            self.store.record_decision(so.observation, so.vector, decision, applied=True)
+        self._evolve(stored)
         self.store.set_session_state(tenant_id, user_id, session_id, DONE, len(stored))
         res.observations = len(stored)
         res.ops = dict(self.manager.stats.ops - before[0])
         res.fallbacks = self.manager.stats.fallbacks - before[1]
         return res
+
+    def _evolve(self, stored: list[StoredObservation]) -> None:
+        """Decide a session's pending observations in one batch (decisions persisted before any is
+        applied: a replay never asks the LLM again), then apply them in order."""
+        pending = [so for so in stored if not so.applied]
+        # memories changed by this session's already-applied observations (non-empty only on replay)
+        touched = {v.memory_id for so in stored if so.applied
+                   for v in [self.store.history_for_observation(so.observation.tenant_id, so.observation.user_id,
+                                                                so.observation.observation_id)] if v}
+        undecided = []
+        for i, so in enumerate(pending):
+            if so.decision is not None:
+                continue
+            dup = None if self.cfg.mode == "static" else next(
+                (p for p in pending[:i] if float(p.vector @ so.vector) >= self.cfg.ignore_above_similarity), None)
+            if dup is not None:  # a near-copy of an earlier observation of the same session
+                so.decision = EvolutionDecision(op=EvolutionOp.IGNORE, auto=True, reason="duplicate in session")
+                self.store.record_decision(so.observation, so.vector, so.decision, applied=False)
+            else:
+                undecided.append(so)
+        for so, (decision, _) in zip(undecided, self.manager.decide_many(
+                [(so.observation, so.vector) for so in undecided]), strict=True):
+            so.decision = decision
+            self.store.record_decision(so.observation, so.vector, decision, applied=False)
+        for so in pending:
+            decision = so.decision
+            assert decision is not None
+            if decision.target_memory_id in touched:  # an earlier observation changed it: decide afresh
+                decision, _ = self.manager.decide(so.observation, so.vector)
+                self.store.record_decision(so.observation, so.vector, decision, applied=False)
+            rec = self.manager.apply(so.observation, so.vector, decision)
+            if rec is not None:
+                touched.add(rec.memory_id)
+            self.store.record_decision(so.observation, so.vector, decision, applied=True)
 
     def process_open_sessions(self, tenant_id: str, user_id: str, keep_latest_open: bool = False,
                               ) -> list[SessionResult]:
