@@ -26,6 +26,22 @@ def _parse_ks(spec: str) -> list[int]:
     return ks
 
 
+def _command() -> str:
+    return "tsubasa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _log_command(run_dir: Path) -> None:
+    """Append this command to the run's commands.log (the report shows how its rows were made)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "commands.log", "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  {_command()}\n")
+
+
+def _commands(run_dir: Path) -> str | None:
+    path = run_dir / "commands.log"
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60] or "run"
 
@@ -148,6 +164,7 @@ def locomo(
         runner = LocomoRunner(spec, out, convs, memory, the_judge, batch_size=batch_size or settings.model.batch_size)
     except RunSpecMismatchError as exc:
         fail(str(exc))
+    _log_command(out)
     items = runner.work()
     done_before = len({r["key"] for r in read_rows(out)} & {it.key for it in items})
     console.print(f"run dir {out}: {len(items)} (system, k, question) rows asked; {done_before} already done "
@@ -178,18 +195,81 @@ def locomo(
             fail(f"--memory: {exc}")
     rows = [r for r in read_rows(out) if r["key"] in {it.key for it in items}]
     summaries = summarize(rows)
-    command = "tsubasa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info_path = out / "systems.json"
     import json
 
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    paths = write_report(out, summaries, runner.spec, command=command, systems_info=info)
+    paths = write_report(out, summaries, runner.spec, command=_commands(out), systems_info=info)
     _print_summaries(summaries)
     ratio = token_ratio(summaries)
     if ratio:
         console.print(f"[bold]memory vs full context[/bold]: {ratio.sentence()}")
     console.print(f"answered {result.answered}, skipped (already in rows.jsonl) {result.skipped}, "
                   f"in {time.perf_counter() - t0:.0f} s; rows: {out / 'rows.jsonl'}")
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+def judge(
+    run_dir: Path = typer.Argument(..., help="Run directory whose stored predictions get J."),
+    judge: str = typer.Option("auto", "--judge", help="auto | local | openai (see `tsubasa eval locomo`)."),
+    judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="OpenAI-compatible judge URL."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Judge model name at that endpoint."),
+    judge_max_new_tokens: int = typer.Option(48, "--judge-max-new-tokens", min=4, max=1024,
+                                             help="Reply cap for a local judge (tokens)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Local judge model (default: the run's model)."),
+    system: str | None = typer.Option(None, "--system", "-S", help="Only these systems (comma-separated)."),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="At most N rows per (system, k)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, max=256),
+    config: Path | None = ConfigOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Add LLM-judge J to a finished (or partial) run from its stored predictions; resumable."""
+    setup_logging(verbose)
+    from tsubasa.eval.judge import make_judge
+    from tsubasa.eval.report import load_run, summarize, write_report
+    from tsubasa.eval.runner import JudgeMismatchError, judge_run, read_rows
+
+    try:
+        spec, _, info = load_run(run_dir)
+    except ValueError as exc:
+        fail(f"RUN_DIR: {exc}")
+    if judge == "none":
+        fail("--judge: 'none' judges nothing; use auto, local or openai")
+    settings = settings_or_exit(config, **{"model.name": model or spec.model})
+    base_url = judge_base_url or settings.eval.judge_base_url
+    judge_name = judge_model or settings.eval.judge_model
+    api_key = settings.eval.judge_api_key.get_secret_value() if settings.eval.judge_api_key else None
+    engine = None
+    if judge == "local" or (judge == "auto" and not (base_url or judge_name)):
+        from tsubasa.llm import load_engine
+
+        console.print(f"loading local judge model [bold]{settings.model.name}[/bold] ...")
+        engine = load_engine(settings.model)
+    try:
+        the_judge = make_judge(judge, engine, base_url=base_url, model=judge_name, api_key=api_key,
+                               max_new_tokens=judge_max_new_tokens)
+    except ValueError as exc:
+        fail(f"--judge: {exc}")
+    systems = [s.strip() for s in system.split(",") if s.strip()] if system else None
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("judge", total=None)
+
+        def on_progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        try:
+            judged, already = judge_run(run_dir, the_judge, systems, limit,  # type: ignore[arg-type]
+                                        batch_size or settings.model.batch_size, on_progress)
+        except JudgeMismatchError as exc:
+            fail(f"--judge: {exc}")
+    console.print(f"judged {judged} rows with {the_judge.name} in {time.perf_counter() - t0:.0f} s "
+                  f"({already} already had a verdict)")
+    _log_command(run_dir)
+    summaries = summarize(read_rows(run_dir))
+    paths = write_report(run_dir, summaries, spec, command=_commands(run_dir), systems_info=info)
+    _print_summaries(summaries)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -217,7 +297,7 @@ def report(
         infos.update({f"{label}:{k}" if label else k: v for k, v in info.items()})
     compare = len(run_dirs) > 1
     target = out or (run_dirs[0] if not compare else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    command = "tsubasa " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "\n".join(filter(None, [_commands(d) for d in run_dirs] + [_command()]))
     paths = write_report(target, summaries, None if compare else specs[0], command=command, compare=compare,
                          title="LoCoMo runs compared" if compare else "LoCoMo evaluation", systems_info=infos)
     _print_summaries(summaries)

@@ -34,6 +34,8 @@ class Scores(BaseModel):
     bleu1: float = 0.0
     j: float | None = None
     """None when no row of the group was judged."""
+    j_n: int = 0
+    """Rows that J averages over (the judged ones)."""
 
 
 class Summary(BaseModel):
@@ -65,7 +67,8 @@ def _scores(rows: Sequence[dict[str, Any]]) -> Scores:
     judged = [r for r in rows if r.get("judge")]
     return Scores(n=len(rows), f1=100 * mean(r["f1"] for r in rows),
                   f1_locomo=100 * mean(r["f1_locomo"] for r in rows), bleu1=100 * mean(r["bleu1"] for r in rows),
-                  j=100 * mean(r.get("judge_label") == "CORRECT" for r in judged) if judged else None)
+                  j=100 * mean(r.get("judge_label") == "CORRECT" for r in judged) if judged else None,
+                  j_n=len(judged))
 
 
 def summarize(rows: Iterable[dict[str, Any]], run: str = "") -> list[Summary]:
@@ -145,10 +148,18 @@ def _f(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _j(sc: Scores) -> str:
+    """J, with the judged count when only part of the rows were judged."""
+    if sc.j is None:
+        return "-"
+    return _f(sc.j) if sc.j_n == sc.n else f"{_f(sc.j)} ({sc.j_n}/{sc.n} judged)"
+
+
 def _judge_note(summaries: Sequence[Summary], spec: RunSpec | None) -> str:
     judges = sorted({j for s in summaries for j in s.judges})
     if not judges:
-        return "J: not computed (no judge configured: `--judge none`)."
+        return ("J: not computed (the run used `--judge none`; `tsubasa eval judge RUN_DIR` adds it afterwards "
+                "from the stored predictions).")
     note = f"J produced by: {', '.join(judges)}."
     model = spec.model if spec else None
     if any(j.startswith("local:") for j in judges):
@@ -168,7 +179,7 @@ def markdown(summaries: Sequence[Summary], spec: RunSpec | None = None, title: s
     """The report: overall table, per-category tables, token ratio, judge note, published anchors."""
     lines = [f"# {title}", ""]
     if command:
-        lines += ["Command:", "", "```", command, "```", ""]
+        lines += ["Commands (in order; a re-run resumes):", "", "```", command, "```", ""]
     if spec:
         lines += [f"- model: `{spec.model}` (memory written by `{spec.memory_model or spec.model}`), prompt "
                   f"`{spec.prompt_style}`, max new tokens {spec.max_new_tokens}, full-context window "
@@ -183,7 +194,7 @@ def markdown(summaries: Sequence[Summary], spec: RunSpec | None = None, title: s
     for s in summaries:
         o = s.overall
         cells = [*([s.run] if compare else []), s.system, "-" if s.k is None else str(s.k), str(o.n), _f(o.f1),
-                 _f(o.f1_locomo), _f(o.bleu1), _f(o.j), _f(s.grounding_tokens, 1), _f(s.prompt_tokens, 0),
+                 _f(o.f1_locomo), _f(o.bleu1), _j(o), _f(s.grounding_tokens, 1), _f(s.prompt_tokens, 0),
                  _f(s.latency_p50_s), _f(s.latency_p95_s), _f(s.evidence_recall, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     cats = sorted({c for s in summaries for c in s.categories})
@@ -196,7 +207,8 @@ def markdown(summaries: Sequence[Summary], spec: RunSpec | None = None, title: s
             cells = [*([s.run] if compare else []), s.system, "-" if s.k is None else str(s.k)]
             for c in cats:
                 sc = s.categories.get(c)
-                cells.append("-" if sc is None else f"{_f(getattr(sc, metric))} ({sc.n})")
+                n = sc.j_n if sc is not None and metric == "j" else (sc.n if sc else 0)
+                cells.append("-" if sc is None else f"{_f(getattr(sc, metric))} ({n})")
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Grounding tokens: memory vs full context", ""]
     ratio = token_ratio(summaries)

@@ -32,7 +32,7 @@ from tsubasa.memory.writer import DONE, MemoryWriter
 
 log = logging.getLogger(__name__)
 
-ROWS_FILE, SPEC_FILE = "rows.jsonl", "run.json"
+ROWS_FILE, SPEC_FILE, JUDGEMENTS_FILE = "rows.jsonl", "run.json", "judgements.jsonl"
 MAX_GROUNDING_CHARS = 4000  # rows keep what the model saw, bounded so the JSONL stays readable
 
 
@@ -88,21 +88,33 @@ def row_key(system: str, k: int | None, qa_id: str) -> str:
     return f"{system}|k={'-' if k is None else k}|{qa_id}"
 
 
-def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of a run; a torn last line (killed mid-write) is ignored."""
-    path = Path(run_dir) / ROWS_FILE
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    rows = []
+    out = []
     with open(path) as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 log.warning("%s line %d is incomplete (killed mid-write?); ignored", path, n)
+    return out
+
+
+def read_rows(run_dir: str | Path, with_judgements: bool = True) -> list[dict[str, Any]]:
+    """Rows of a run (a torn last line, from a kill mid-write, is ignored). Rows answered without a
+    judge take their verdict from `judgements.jsonl` (written by `judge_run`) when it has one."""
+    rows = _read_jsonl(Path(run_dir) / ROWS_FILE)
+    if with_judgements:
+        verdicts = {v["key"]: v for v in _read_jsonl(Path(run_dir) / JUDGEMENTS_FILE)}
+        for r in rows:
+            v = verdicts.get(r["key"])
+            if v is not None and not r.get("judge"):
+                r.update(judge=v["judge"], judge_label=v["judge_label"], judge_raw=v["judge_raw"],
+                         judge_error=v["judge_error"])
     return rows
 
 
@@ -322,3 +334,46 @@ class LocomoRunner:
                 "store": self.asked.milvus_uri, "at": now,
             })
         return rows
+
+
+class JudgeMismatchError(ValueError):
+    """The run already holds verdicts from another judge."""
+
+
+def judge_run(run_dir: str | Path, judge: Judge, systems: Iterable[str] | None = None, limit: int | None = None,
+              batch_size: int = 8, progress: ProgressFn | None = None) -> tuple[int, int]:
+    """Judge the rows of a run that have no verdict yet, after the fact (resumable: verdicts are
+    appended to `judgements.jsonl`, one per row key). `limit`: at most this many rows per (system, k).
+    One run holds one judge's J; another judge is refused. Returns (judged now, already judged)."""
+    run_dir = Path(run_dir)
+    path = run_dir / JUDGEMENTS_FILE
+    _repair_tail(path)
+    rows = read_rows(run_dir)
+    others = sorted({r["judge"] for r in rows if r.get("judge") and r["judge"] != judge.name})
+    if others:
+        raise JudgeMismatchError(f"{run_dir} already has J from {', '.join(others)}; judge it with the same judge "
+                                 "or copy the rows to a new run directory")
+    wanted = set(systems) if systems else None
+    todo, per_group = [], {}
+    for r in rows:
+        if r.get("judge") or (wanted is not None and r["system"] not in wanted):
+            continue
+        group = (r["system"], r.get("k"))
+        if limit is not None and per_group.get(group, 0) >= limit:
+            continue
+        per_group[group] = per_group.get(group, 0) + 1
+        todo.append(r)
+    already = sum(1 for r in rows if r.get("judge"))
+    with open(path, "a") as fh:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            verdicts = judge.judge([JudgeItem(question=r["question"], gold=str(r["gold"]),
+                                              prediction=r["prediction"]) for r in batch])
+            for r, v in zip(batch, verdicts, strict=True):
+                fh.write(json.dumps({"key": r["key"], "judge": v.judge, "judge_label": v.label,
+                                     "judge_raw": v.raw[:500], "judge_error": v.error}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            if progress:
+                progress("judge", start + len(batch), len(todo))
+    return len(todo), already
