@@ -144,6 +144,7 @@ class MixedBatcher:
         self.wait_s = wait_s
         self._queue: list[tuple[GenerateRequest, asyncio.Future]] = []
         self._wakeup: asyncio.Event | None = None
+        self._bound_loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self.batches = 0
         self.rows = 0
@@ -155,8 +156,9 @@ class MixedBatcher:
 
     async def submit(self, req: GenerateRequest) -> Generation:
         loop = asyncio.get_running_loop()
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
+        if self._wakeup is None or self._bound_loop is not loop:  # first use, or a new event loop (tests, benchmarks)
+            self._bound_loop, self._wakeup, self._task = loop, asyncio.Event(), None
+            self._queue = [(r, f) for r, f in self._queue if f.get_loop() is loop]
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._loop())
         fut: asyncio.Future = loop.create_future()
