@@ -243,7 +243,8 @@ def backfill(settings: Settings, *, reader: Reader = "auto", starts: dict[int, i
                                  end_offset={cfg.topic: dict(ends)}, consumer_config=_confluent_auth(cfg))
         ds = ds.select_columns(["partition", "offset", "key", "value"])
     else:
-        ds = ray.data.read_datasource(KafkaHistoryDatasource(cfg, ends, starts))
+        ds = ray.data.read_datasource(KafkaHistoryDatasource(cfg, ends, starts),
+                                      override_num_blocks=max(1, len(ends)))  # one block stream per partition
     out = ds.map_batches(RawLogAppender, fn_constructor_args=(settings,), batch_size=batch_size,
                          batch_format="pyarrow", concurrency=concurrency, num_cpus=cfg.actor_num_cpus)
     report = BackfillReport(reader=chosen, why=why, end_offsets=ends)

@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from services.ingest.consumer import PartitionConsumer
-from services.ingest.kafka_io import committed_offsets, ensure_topics, topic_partitions
+from services.ingest.kafka_io import ensure_topics, make_consumer, topic_partitions
 from services.ingest.metrics import ConsumerMetrics, IngestMetrics
 from services.ingest.session_writer import EngineFactory, SessionWriter
 from tsubasa.config import Settings
@@ -77,6 +77,7 @@ class IngestService:
         self.consumers: list[Any] = []
         self.assignment: list[list[int]] = []
         self.partitions: list[int] = []
+        self._offsets_reader = None
 
     def start(self, wait_ready: bool = True, timeout_s: float = 300.0) -> IngestService:
         check_milvus_uri(self.settings)
@@ -138,8 +139,13 @@ class IngestService:
         return out
 
     def committed(self) -> dict[int, int | None]:
-        """The group's committed offsets, read from Kafka."""
-        return committed_offsets(self.cfg, self.partitions)
+        """The group's committed offsets, read from Kafka (one reader kept open between calls)."""
+        from kafka import TopicPartition
+
+        if self._offsets_reader is None:
+            self._offsets_reader = make_consumer(self.cfg)
+        return {p: self._offsets_reader.committed(TopicPartition(self.cfg.topic, p), timeout_ms=10_000)
+                for p in self.partitions}
 
     def drained(self, end_offsets: dict[int, int] | None = None) -> bool:
         """True when every partition's committed offset reached its end (given, else the fetch
@@ -178,5 +184,8 @@ class IngestService:
                 missing.append(f"consumer-{i}")
         for a in [*self.consumers, *self.writers]:
             ray.kill(a, no_restart=True)
+        if self._offsets_reader is not None:
+            self._offsets_reader.close()
+            self._offsets_reader = None
         self.consumers, self.writers = [], []
         return IngestMetrics(consumers=final, unavailable=missing)

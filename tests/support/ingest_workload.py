@@ -51,11 +51,12 @@ class Workload:
 
 
 def workload(tenant: str = "acme", users: int = 50, sessions: int = 5, per_session: int = 40,
-             prefix: str = "user", start: datetime | None = None) -> Workload:
+             prefix: str = "user", start: datetime | None = None, all_end: bool = False) -> Workload:
     """`users * sessions * per_session` events, interleaved over users session by session.
 
     Session 3 of every third user has no session_end (a newer session closes it); the last session
-    of every odd user has none either (the idle timeout closes it); the rest end explicitly."""
+    of every odd user has none either (the idle timeout closes it); the rest end explicitly
+    (`all_end`: every session ends explicitly)."""
     start = start or datetime(2024, 1, 1, 9, 0, tzinfo=UTC)
     w = Workload(events=[])
     per_user: list[list[list[Event]]] = []
@@ -67,7 +68,7 @@ def workload(tenant: str = "acme", users: int = 50, sessions: int = 5, per_sessi
         for j in range(1, sessions + 1):
             sid = f"s{j}"
             when = start + timedelta(days=7 * j, minutes=i)
-            ended = not ((j == 3 and i % 3 == 0) or (j == sessions and i % 2 == 1))
+            ended = all_end or not ((j == 3 and i % 3 == 0) or (j == sessions and i % 2 == 1))
             n_turns = per_session - 1 if ended else per_session
             evs = []
             for k in range(n_turns):
