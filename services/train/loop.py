@@ -216,7 +216,7 @@ def _trainer_state(trainer: Any, wrapped: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(wrapped, writeback=False):
-        adapter = trainer.student.adapter_state()
+        adapter = {k: v.detach().cpu().clone() for k, v in trainer.student.lora_parameters(wrapped).items()}
     # Optimizer moments are sharded per rank; a sharded resume restarts them (weights are kept).
     return {"adapter": adapter, "optimizer": None, "epoch": trainer.epoch, "history": trainer.history}
 
@@ -228,7 +228,8 @@ def _load_trainer(trainer: Any, state: dict[str, Any], wrapped: Any, rank: int) 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(wrapped, writeback=True):
-        trainer.student.load_adapter_state(state["adapter"])
+        for key, param in trainer.student.lora_parameters(wrapped).items():
+            param.data.copy_(state["adapter"][key])
     trainer.epoch = int(state["epoch"])
     trainer.history = list(state.get("history", []))
 
@@ -241,8 +242,9 @@ def _save_adapter(student: Any, wrapped: Any, out_dir: Path | None) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(wrapped, writeback=False):
-        if out_dir is not None:
-            student.save(out_dir)
+        state = {k: v.detach().cpu().clone() for k, v in student.lora_parameters(wrapped).items()}
+    if out_dir is not None:
+        student.save_state(out_dir, state)
 
 
 def _fsdp_wrap(student: Any, fsdp_cfg: dict[str, Any]) -> Any:
@@ -261,7 +263,7 @@ def _fsdp_wrap(student: Any, fsdp_cfg: dict[str, Any]) -> Any:
         mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16)
     wrapped = FSDP(student.model, auto_wrap_policy=ModuleWrapPolicy(classes), use_orig_params=True,
                    sharding_strategy=getattr(ShardingStrategy, fsdp_cfg.get("sharding_strategy", "FULL_SHARD")),
-                   mixed_precision=mp, device_id=student.device if student.device.type == "cuda" else None)
+                   mixed_precision=mp, device_id=student.device)
     return wrapped
 
 

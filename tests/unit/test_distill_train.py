@@ -103,3 +103,23 @@ def test_vanilla_examples_cover_the_conversation(tiny_engine, tiny_cfg):
     ids = student.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ex[0].prompt_ids == ids[:1] and all(isinstance(e, Example) and e.topd_ids is None for e in ex)
     assert sum(len(e.answer_ids) for e in ex) >= len(ids) - 1
+
+
+def test_adapter_saved_from_parameters_equals_peft_save(tiny_cfg, tmp_path):
+    """The FSDP path saves from (gathered) parameters; the result must be what peft itself writes."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    student = LoraStudent(tiny_cfg, DistillConfig(lora_rank=4, lora_alpha=8))
+    student.reset(0)
+    for p in student.trainable_parameters():
+        p.data.normal_()
+    student.save(tmp_path / "peft")
+    student.save_state(tmp_path / "ours", {k: v.detach() for k, v in student.lora_parameters().items()})
+    a = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) ==
+            json.loads((tmp_path / "ours" / "adapter_config.json").read_text()))

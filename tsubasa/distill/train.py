@@ -12,9 +12,11 @@ the optimizer and the epoch; the data order of epoch e depends only on (seed, e)
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -222,6 +224,30 @@ class LoraStudent:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out))
+        return out
+
+    @staticmethod
+    def peft_key(param_name: str) -> str:
+        """Parameter name (also under FSDP wrappers) -> the key peft saves it under."""
+        name = param_name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        return re.sub(r"\.(lora_[A-Za-z_]+)\.default\.", r".\1.", name)
+
+    def lora_parameters(self, module: Any = None) -> dict[str, Any]:
+        """LoRA parameters by peft key, read through `module` (e.g. an FSDP wrapper inside
+        `summon_full_params`), where state_dict hooks would not give the full tensors."""
+        return {self.peft_key(n): p for n, p in (module or self.model).named_parameters() if "lora_" in n}
+
+    def save_state(self, out_dir: str | Path, state: dict[str, Any]) -> Path:
+        """Write an adapter from a state dict (peft keys) in peft's format."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = copy.copy(self.model.peft_config["default"])
+        config.inference_mode = True  # as PeftModel.save_pretrained writes it
+        config.save_pretrained(str(out))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
         return out
 
 
