@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,23 @@ def _wait_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop what this process started."""
+    def _raise(*_: object) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 class MilvusLiteServer:
     """`milvus-lite server --data-dir DIR` on a loopback port; stop() ends the process it started."""
 
@@ -55,7 +73,8 @@ class MilvusLiteServer:
         self.log_path = self.data_dir.parent / f"milvus-lite-{self.port}.log"
         self.proc = subprocess.Popen(
             [exe, "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+            preexec_fn=_die_with_parent)
         try:
             _wait_port(self.port, timeout_s, self.proc)
         except Exception:

@@ -59,6 +59,7 @@ def demo(
     from services.serve import local
     from services.serve.auth import hash_key
 
+    local.exit_on_sigterm()
     sc = settings.serve
     chosen = port or (sc.port if _port_free(sc.host, sc.port) else local.free_port())
     settings = settings.model_copy(update={"serve": sc.model_copy(update={"port": chosen})})
