@@ -116,3 +116,19 @@ def test_grounded_prompt_is_the_student_prompt_plus_client_context():
     assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
     assert msgs[0].content.endswith("Be brief.")
     assert "- On 2023-05-08, Alice adopted a cat." in msgs[-1].content and "Which pet?" in msgs[-1].content
+
+
+def test_deployment_options_follow_the_serve_config():
+    from services.serve.app import gateway_deployment_options, llm_deployment_options
+    from tsubasa.config import ConfigError, load_settings
+
+    s = load_settings(serve={"autoscaling": True, "min_replicas": 1, "llm_replicas": 2, "max_replicas": 6,
+                             "llm_max_queued_requests": 10}, model={"engine": "vllm", "device": "cuda"})
+    llm = llm_deployment_options(s)
+    assert llm["autoscaling_config"]["max_replicas"] == 6 and "num_replicas" not in llm
+    assert llm["ray_actor_options"]["num_gpus"] == 1 and llm["max_queued_requests"] == 10
+    gw = gateway_deployment_options(s)
+    assert gw["max_ongoing_requests"] > s.serve.max_ongoing_requests + s.serve.max_queued_requests
+    assert llm_deployment_options(load_settings())["num_replicas"] == 1
+    with pytest.raises(ConfigError, match="min_replicas"):
+        load_settings(serve={"autoscaling": True, "llm_replicas": 9, "max_replicas": 4})
