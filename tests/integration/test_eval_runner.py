@@ -171,3 +171,36 @@ def test_turns_mode_stores_raw_turns_only_and_refuses_memory_systems(tmp_path, c
                           backend, None)
     with pytest.raises(MemoryModeError, match="memory-evolving"):
         runner.run(memory_mode="turns")
+
+
+def test_adapter_systems_route_through_the_engine_adapters(tmp_path, tiny_cfg, store, embedder):
+    """The distillation hook: a registered system serving a per-user LoRA adapter, with and without grounding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tsubasa.eval.systems import Question, RetrievalSystem, SystemContext, build_system, register_system
+    from tsubasa.llm import load_engine
+    from tsubasa.llm.models import resolve_model
+
+    engine = load_engine(tiny_cfg, shared=False)  # its own copy: loading an adapter changes the engine
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-qwen3", tiny_cfg.cache_dir))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "lora")
+    engine.load_adapter("t1/conv-26/v0001", str(tmp_path / "lora"))
+    seen = []
+
+    def adapter_for(tenant: str, user: str) -> str:
+        seen.append((tenant, user))
+        return f"{tenant}/{user}/v0001"
+
+    register_system("test-adapter-only", lambda ctx: RetrievalSystem(ctx, "test-adapter-only", "memories", k=0,
+                                                                     adapter=ctx.adapter_for),
+                    uses_k=False, replace=True)
+    ctx = SystemContext(engine=engine, store=store, retriever=Retriever(store, embedder, engine.count_tokens),
+                        max_new_tokens=4, adapter_for=adapter_for)
+    (ans,) = build_system("test-adapter-only", ctx).answer([Question(tenant_id="t1", user_id="conv-26",
+                                                                     question="Where is Caroline from?")])
+    assert ans.adapter == "t1/conv-26/v0001" and ans.grounding == "" and ans.grounding_tokens == 0
+    assert seen == [("t1", "conv-26")]
+    grounded = RetrievalSystem(ctx, "adapter+memory", "memories", k=3, adapter=adapter_for)
+    (ans,) = grounded.answer([Question(tenant_id="t1", user_id="conv-26", question="Where is Caroline from?")])
+    assert ans.adapter == "t1/conv-26/v0001"

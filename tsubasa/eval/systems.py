@@ -19,7 +19,21 @@ Other wings add systems by name with `register_system` (the distillation issue: 
 adapter without grounding, vanilla fine-tuning). A system's LoRA adapter goes through the engine's
 `adapters=[name]` argument; `RetrievalSystem(adapter=...)` and `k=0` (no grounding) cover those
 variants. Modules listed in `PLUGIN_MODULES` (if installed) and entry points in the group
-`tsubasa.eval_systems` are imported on first lookup so they can register themselves.
+`tsubasa.eval_systems` are imported on first lookup so they can register themselves. For example,
+in `tsubasa/distill/eval_systems.py`:
+
+    def adapter_for(engine):            # load the user's current adapter once, return its name
+        def pick(tenant, user):
+            name = f"{tenant}/{user}"
+            if name not in engine.loaded_adapters():
+                engine.load_adapter(name, registry.current_path(tenant, user))
+            return name
+        return pick
+
+    register_system("tsubasa-distilled", lambda ctx: RetrievalSystem(
+        ctx, "tsubasa-distilled", "memories", adapter=adapter_for(ctx.engine)))      # adapter + k memories
+    register_system("adapter-only", lambda ctx: RetrievalSystem(
+        ctx, "adapter-only", "memories", k=0, adapter=adapter_for(ctx.engine)), uses_k=False)
 """
 
 from __future__ import annotations
