@@ -60,7 +60,7 @@ def list_offsets_ends(cfg: KafkaConfig, partitions: list[int]) -> dict[int, int]
     """The broker's ListOffsets answer for the latest offset (what `read_kafka` trusts)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    c = KafkaConsumer(**client_kwargs(cfg))
+    c = KafkaConsumer(**client_kwargs(cfg), enable_auto_commit=False)
     try:
         ends = c.end_offsets([TopicPartition(cfg.topic, p) for p in partitions])
         return {tp.partition: int(off) for tp, off in ends.items()}
@@ -246,7 +246,8 @@ def backfill(settings: Settings, *, reader: Reader = "auto", starts: dict[int, i
         ds = ray.data.read_datasource(KafkaHistoryDatasource(cfg, ends, starts),
                                       override_num_blocks=max(1, len(ends)))  # one block stream per partition
     out = ds.map_batches(RawLogAppender, fn_constructor_args=(settings,), batch_size=batch_size,
-                         batch_format="pyarrow", concurrency=concurrency, num_cpus=cfg.actor_num_cpus)
+                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
+                         num_cpus=cfg.actor_num_cpus)
     report = BackfillReport(reader=chosen, why=why, end_offsets=ends)
     order: dict[tuple[str, str], dict[str, tuple[int, int, bool]]] = {}
     for b in out.iter_batches(batch_format="pyarrow", batch_size=None):

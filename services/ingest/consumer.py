@@ -4,9 +4,13 @@ Each actor owns a fixed set of partitions (`assign`, not group rebalancing; see 
 and runs one loop in a background thread, started by `__init__`, so a restarted actor resumes by
 itself from the group's committed offset:
 
-    poll -> validate (invalid -> dead-letter topic) -> append turns to the raw log (skipping event
-    ids already stored) -> track sessions -> hand closed sessions to the user's writer actor ->
-    commit the smallest offset that a crash would need to replay (tracker.py)
+    poll -> validate (invalid -> dead-letter topic) -> append turns to the raw log through the
+    users' writer actors and wait for them (event ids already stored are skipped) -> track
+    sessions -> hand closed sessions to the user's writer -> commit the smallest offset that a
+    crash would need to replay (tracker.py)
+
+A consumer holds no model and no embedder (only Kafka clients and a store client for session
+markers), so a crashed one is back in about a second.
 
 Back-pressure: while `kafka.max_pending_sessions` closed sessions wait for writers, the actor
 pauses its partitions (it keeps polling, so the client stays alive, but fetches nothing).
@@ -26,7 +30,7 @@ import ray
 
 from services.ingest.kafka_io import DeadLetter, make_consumer, make_producer
 from services.ingest.metrics import ConsumerMetrics, PartitionMetrics
-from services.ingest.session_writer import set_torch_threads, shard_of
+from services.ingest.session_writer import shard_of
 from services.ingest.tracker import Close, PartitionTracker, SessionKey, UserKey
 from tsubasa.config import Settings
 from tsubasa.schema import Event, EventKind, InvalidEventError, parse_event
@@ -79,19 +83,15 @@ class PartitionConsumer:
                  start: bool = True) -> None:
         from kafka import TopicPartition
 
-        from tsubasa.memory.runtime import MemorySystem
-        from tsubasa.memory.writer import MemoryWriter
+        from tsubasa.memory.store import MilvusStore
 
-        set_torch_threads(settings.kafka.actor_torch_threads)
         self.settings = settings
         self.cfg = settings.kafka
         self.name = name
         # Writers by name, not handle: a handle among the constructor's arguments would live in the
         # object store, and Ray cannot guarantee those for restarts (ray-project/ray#53727).
         self.writers = [ray.get_actor(w) for w in writers]
-        system = MemorySystem(settings)
-        self.store = system.store
-        self.appender = MemoryWriter(system.store, system.embedder, None, settings.memory)
+        self.store = MilvusStore(settings.milvus, uri=settings.milvus_uri)  # session markers only
         self.tps = [TopicPartition(self.cfg.topic, p) for p in partitions]
         self.consumer = make_consumer(self.cfg)
         self.consumer.assign(self.tps)
@@ -231,7 +231,9 @@ class PartitionConsumer:
         self._enqueue(closes)
 
     def _store(self, parsed: list[_Parsed]) -> list[tuple[_Parsed, str]]:
-        """Append the batch's turns (bounded retries); isolate events that fail on their own."""
+        """Append the batch's turns through the users' writers (bounded retries); isolate events
+        that fail on their own. A writer that is down (restarting) is an outage: retried, never
+        dead-lettered."""
         turns = [p for p in parsed if p.event.kind == EventKind.TURN]
         if not turns:
             return []
@@ -240,30 +242,35 @@ class PartitionConsumer:
             try:
                 self._append(turns)
                 return []
-            except Exception as exc:  # Milvus or embedder error: retry, then find the culprit
+            except ray.exceptions.RayTaskError as exc:  # raised inside append: Milvus, embedder, data
                 err = exc
-                log.warning("%s: append failed (attempt %d): %r", self.name, attempt + 1, exc)
+                log.warning("%s: append failed (attempt %d): %r", self.name, attempt + 1, exc.cause)
                 time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
         failed: list[tuple[_Parsed, str]] = []
         for p in turns:
             try:
                 self._append([p])
-            except Exception as exc:
-                failed.append((p, f"append failed: {exc!r}"))
+            except ray.exceptions.RayTaskError as exc:
+                failed.append((p, f"append failed: {exc.cause!r}"))
         if len(failed) == len(turns):
-            raise StorageUnavailableError(repr(err))
+            raise StorageUnavailableError(repr(err.cause if isinstance(err, ray.exceptions.RayTaskError) else err))
         return failed
 
     def _append(self, items: list[_Parsed]) -> None:
         # Kafka order is the user's order: the offset is the turn's sequence unless the producer set one.
-        events = [p.event if "seq" in p.event.metadata else
-                  p.event.model_copy(update={"metadata": {**p.event.metadata, "seq": p.offset}}) for p in items]
-        existing = self.store.existing_turn_ids([e.to_turn() for e in events])
-        fresh = [e for e in events if e.to_turn().pk not in existing]
-        res = self.appender.append(fresh) if fresh else None
+        shards: dict[int, list[Event]] = {}
+        for p in items:
+            e = p.event if "seq" in p.event.metadata else p.event.model_copy(
+                update={"metadata": {**p.event.metadata, "seq": p.offset}})
+            shards.setdefault(shard_of(e.tenant_id, e.user_id, len(self.writers)), []).append(e)
+        refs = [self.writers[i].append.remote(evs) for i, evs in shards.items()]
+        try:
+            results = ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise StorageUnavailableError(f"writer unavailable: {exc!r}") from exc
         with self._lock:
-            self.m.appended += res.new_turns if res else 0
-            self.m.duplicates += len(events) - len(fresh)
+            self.m.appended += sum(r["appended"] for r in results)
+            self.m.duplicates += sum(r["duplicates"] for r in results)
 
     def _dead_letter(self, dead: list[DeadLetter]) -> None:
         if not dead:

@@ -75,7 +75,7 @@ def topic_partitions(cfg: KafkaConfig, topic: str | None = None, timeout_s: floa
     from kafka import KafkaConsumer
 
     topic = topic or cfg.topic
-    c = KafkaConsumer(**client_kwargs(cfg))
+    c = KafkaConsumer(**client_kwargs(cfg), enable_auto_commit=False)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -88,7 +88,7 @@ class IngestService:
         self.partitions = topic_partitions(self.cfg)
         self.assignment = assign_partitions(self.partitions, self.cfg.consumers)
         opts = {"max_restarts": -1, "num_cpus": self.cfg.actor_num_cpus}
-        writer_cls = ray.remote(concurrency_groups={"control": 1})(SessionWriter)
+        writer_cls = ray.remote(concurrency_groups={"append": 1, "control": 1})(SessionWriter)
         self.writers = [writer_cls.options(name=f"{self.name}-writer-{i}", **opts)
                         .remote(self.settings, self.engine_factory, i) for i in range(self.cfg.writers)]
         consumer_cls = ray.remote(PartitionConsumer)

@@ -1,9 +1,12 @@
-"""Session-writer actors: observation extraction and memory evolution for closed sessions.
+"""Writer actors: the raw-log appends and the session processing of the users routed to them.
 
-Users are sharded over writers by a stable hash of `tenant:user`; a writer runs one session at a
-time and each consumer keeps at most one session per user in flight, so a user's sessions are
-applied in order. `MemoryWriter.process_session` is idempotent (a `done` marker skips, an
-`extracted` marker resumes from stored decisions), so a retry after any crash is safe.
+Users are sharded over writers by a stable hash of `tenant:user`. Each writer holds the embedder,
+the store and the LLM (the consumers hold none of them, so they restart in a second) and has two
+lanes: `append` (its own thread, so raw-log writes never wait behind a slow LLM call) and
+`process` (one session at a time). A consumer submits a user's session only after the append of
+its turns returned and keeps at most one session per user in flight, so a user's sessions apply
+in order. Both are idempotent (event-id keys; `done` / `extracted` markers), so a retry after any
+crash is safe.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import ray
 
 from tsubasa.config import Settings
 from tsubasa.llm.base import Engine
+from tsubasa.schema import Event
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def set_torch_threads(n: int) -> None:
 
 
 class SessionWriter:
-    """Processes closed sessions of the users routed to it."""
+    """Appends turns and processes closed sessions of the users routed to it."""
 
     def __init__(self, settings: Settings, engine_factory: EngineFactory | None = None, shard: int = 0) -> None:
         from tsubasa.memory.runtime import MemorySystem
@@ -53,6 +57,17 @@ class SessionWriter:
         self.processed = 0
         self.skipped = 0
         self.failed = 0
+        self.appended = 0
+
+    @ray.method(concurrency_group="append")
+    def append(self, events: list[Event]) -> dict[str, int]:
+        """Store turn events in the raw log; ids already stored are skipped (not re-embedded)."""
+        store = self.system.store
+        existing = store.existing_turn_ids([e.to_turn() for e in events])
+        fresh = [e for e in events if e.to_turn().pk not in existing]
+        new = self.system.writer.append(fresh).new_turns if fresh else 0
+        self.appended += new
+        return {"appended": new, "duplicates": len(events) - len(fresh)}
 
     def process(self, tenant_id: str, user_id: str, session_id: str) -> dict[str, Any]:
         """Extract and evolve one closed session; a no-op if it was already processed."""
@@ -70,4 +85,4 @@ class SessionWriter:
     @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, int]:
         return {"shard": self.shard, "pid": os.getpid(), "processed": self.processed, "skipped": self.skipped,
-                "failed": self.failed}
+                "failed": self.failed, "appended": self.appended}

@@ -18,7 +18,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 USERS = int(os.environ.get("TSUBASA_TEST_INGEST_USERS", "50"))
-CONSUMER_KILLS, WRITER_KILLS = 5, 2
+CONSUMER_KILLS, WRITER_KILLS = 5, 1
 
 
 def log(msg: str) -> None:
