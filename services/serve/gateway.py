@@ -202,7 +202,8 @@ class Gateway:
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        engine = RemoteEngine(llm, s.model.name, count, timeout_s=s.serve.request_timeout_s * 5)
+        # Memory evolution is background work that queues behind chat traffic: wait long, not forever.
+        engine = RemoteEngine(llm, s.model.name, count, timeout_s=max(3600.0, s.serve.request_timeout_s * 10))
         memory = MemorySystem(s, engine=engine)
         memory.retriever  # noqa: B018 - open Milvus and load the embedder now, not on the first request
         self.llm = llm

@@ -87,6 +87,8 @@ class SessionQueue:
             try:
                 self._process(*key)
                 metrics.SESSIONS.labels("done").inc()
+                with self._cond:
+                    self._failed.get(key[:2], {}).pop(key[2], None)  # a retry that worked clears the failure
             except Exception as exc:  # keep draining: one bad session must not stall the others
                 log.exception("memory evolution failed for %s/%s/%s", *key)
                 metrics.SESSIONS.labels("failed").inc()

@@ -96,8 +96,14 @@ def demo(
                     if r.status_code != 200:
                         fail(f"/v1/events answered {r.status_code}: {r.text[:300]}", code=1)
                     bar.update(task, description=f"memory evolution {sess.session_id}")
-                    while (status := http.get(f"/v1/users/{user}").json())["pending_sessions"]:
-                        time.sleep(1.0)
+                    for attempt in range(2):
+                        while (status := http.get(f"/v1/users/{user}").json())["pending_sessions"]:
+                            time.sleep(1.0)
+                        failed = [f for f in status["failed_sessions"] if f.startswith(f"{sess.session_id}:")]
+                        if not failed or attempt:
+                            break
+                        console.print(f"[yellow]retrying {failed[0]}[/yellow]")  # re-sending the end re-queues it
+                        http.post("/v1/events", json={"events": events[-1:]})
                     bar.advance(task)
             timings["memory"] = time.perf_counter() - t0
             if status["failed_sessions"]:
