@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]  # a guard for a shared, busy machine
 
 USERS = int(os.environ.get("TSUBASA_TEST_INGEST_USERS", "50"))
 CONSUMER_KILLS, WRITER_KILLS = 5, 1
@@ -37,7 +37,9 @@ def test_crashes_lose_and_duplicate_nothing(tmp_path, ingest_settings, ray_local
     from services.ingest.service import IngestService
     from tsubasa.memory.store import MilvusStore
 
-    settings = ingest_settings
+    # a small pending window keeps the commit point close behind consumption (short replays)
+    settings = ingest_settings.model_copy(update={"kafka": ingest_settings.kafka.model_copy(
+        update={"max_pending_sessions": 16})})
     w = workload(users=USERS, sessions=5, per_session=40)
     assert len(w.events) == USERS * 200
     calls_log = tmp_path / "llm-calls.jsonl"
