@@ -88,7 +88,8 @@ def main() -> int:
     mem_store = mem_retriever = None
     if args.memory_db:
         copy = work / "memory.db"
-        shutil.copy(args.memory_db, copy)  # Milvus Lite is single-process: never open the original
+        # Milvus Lite is single-process: never open the original (a directory with milvus-lite 3.x)
+        (shutil.copytree if args.memory_db.is_dir() else shutil.copy)(args.memory_db, copy)
         mem_store = MilvusStore(MilvusConfig(), uri=str(copy))
         mem_retriever = Retriever(mem_store, embedder, count)
 
@@ -109,24 +110,41 @@ def main() -> int:
         results = {"utterance-rag": _recall(retriever, UTT, user, qa, ks, "turns", count),
                    "locomo-obs": _recall(retriever, LOCOMO_OBS, user, qa, ks, "observations", count)}
         if mem_store is not None and mem_store.list_memories(args.memory_tenant, user):
-            results["tsubasa-evolved"] = _recall(mem_retriever, args.memory_tenant, user, qa, ks, "memories", count)
-            results["tsubasa-observed"] = _recall(mem_retriever, args.memory_tenant, user, qa, ks,
-                                                  "observations", count)
-            results["utterance-rag (same convs)"] = results["utterance-rag"]
-        per_conv[user] = {m: {k: r[k]["covered"] / max(1, len(qa)) for k in ks} for m, r in results.items()}
+            # Compare on the sessions the memory db has processed (all of them once an ingest finished):
+            # questions whose evidence lies in those sessions, utterance RAG over those sessions' turns.
+            done = [s for s in conv.sessions
+                    if (st := mem_store.session_state(args.memory_tenant, user, s.session_id)) and st.state == "done"]
+            done_ids = {t.dia_id for s in done for t in s.turns}
+            sub = [q for q in qa if set(q.evidence) <= done_ids]
+            scope = f"sessions {done[0].index}-{done[-1].index}" if len(done) < len(conv.sessions) else "same convs"
+            part_tenant = f"{UTT}-part"
+            writer.append([e for s in done for e in session_events(conv, s, part_tenant, user, close=False)])
+            results[f"utterance-rag ({scope})"] = _recall(retriever, part_tenant, user, sub, ks, "turns", count)
+            results[f"tsubasa-evolved ({scope})"] = _recall(mem_retriever, args.memory_tenant, user, sub, ks,
+                                                            "memories", count)
+            results[f"tsubasa-observed ({scope})"] = _recall(mem_retriever, args.memory_tenant, user, sub, ks,
+                                                             "observations", count)
+            per_conv.setdefault(user, {})["memory_sessions"] = [s.index for s in done]
+            results_q = {f"utterance-rag ({scope})": len(sub), f"tsubasa-evolved ({scope})": len(sub),
+                         f"tsubasa-observed ({scope})": len(sub)}
+        else:
+            results_q = {}
+        nq = {m: results_q.get(m, len(qa)) for m in results}
+        per_conv[user] = {**per_conv.get(user, {}),
+                          **{m: {k: r[k]["covered"] / max(1, nq[m]) for k in ks} for m, r in results.items()}}
         per_conv[user]["questions"] = len(qa)
         for method, r in results.items():
             _merge(totals.setdefault(method, {"questions": 0}), r)
-            totals[method]["questions"] += len(qa)
+            totals[method]["questions"] += nq[method]
         print(f"{user}: {len(qa)} questions, " + ", ".join(
-            f"{m}@{ks[1]}={v[ks[1]]:.2f}" for m, v in per_conv[user].items() if m != "questions"), flush=True)
+            f"{m}@{ks[1]}={v[ks[1]]:.2f}" for m, v in per_conv[user].items() if isinstance(v, dict)), flush=True)
 
     summary = {}
     print(f"\nEvidence recall@k (all evidence ids covered), {len(convs)} conversation(s), {n_questions} questions")
     print(f"{'method':28s} {'n':>5s} " + " ".join(f"{'R@' + str(k):>7s}" for k in ks) + "   mean tokens @k")
     for method, t in totals.items():
         n = t["questions"]
-        rec = {k: t[k]["covered"] / n for k in ks}
+        rec = {k: t[k]["covered"] / max(1, n) for k in ks}
         tok_k = {k: statistics.fmean(t[k]["tokens"]) for k in ks}
         summary[method] = {"questions": n, "recall": rec, "mean_tokens": tok_k,
                            "median_tokens": {k: float(np.median(t[k]["tokens"])) for k in ks}}
