@@ -79,6 +79,7 @@ def main() -> None:
     from ingest_workload import workload
     from local_services import MilvusLiteServer, TansuBroker
 
+    load0 = os.getloadavg()[0]  # other work on a shared machine depresses the figures: recorded with them
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     per_session = max(2, args.events // max(1, args.users))
     raw = workload(users=args.users, sessions=1, per_session=per_session, prefix="r")
@@ -111,7 +112,8 @@ def main() -> None:
     ray.shutdown()
     out = {
         "benchmark": "ingest", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg_1m_start_end": [round(load0, 1), round(os.getloadavg()[0], 1)]},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "raw_events_per_s_median": round(statistics.median(results["raw_events_per_s"]), 1),
         "sessions_per_s_median": round(statistics.median(results["sessions_per_s"]), 3),
