@@ -29,7 +29,7 @@ from typing import Any
 import ray
 
 from services.ingest.kafka_io import DeadLetter, make_consumer, make_producer
-from services.ingest.metrics import ConsumerMetrics, PartitionMetrics
+from services.ingest.metrics import ConsumerMetrics, PartitionMetrics, RayMetricsExporter
 from services.ingest.session_writer import shard_of
 from services.ingest.tracker import Close, PartitionTracker, SessionKey, UserKey
 from tsubasa.config import Settings
@@ -108,6 +108,7 @@ class PartitionConsumer:
         self._lock = threading.Lock()
         self._last_commit = 0.0
         self._thread: threading.Thread | None = None
+        self._exporter = RayMetricsExporter(name) if ray.is_initialized() else None
         log.info("%s: partitions %s from offsets %s", name, partitions, self.committed)
         if start:
             self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
@@ -168,6 +169,8 @@ class PartitionConsumer:
             self._enqueue(closes)
         if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
             self._commit()
+            if self._exporter is not None:
+                self._exporter.export(self.metrics())
 
     def _drain(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s

@@ -85,3 +85,49 @@ class IngestMetrics(BaseModel):
             "sessions_skipped": self.total("sessions_skipped"), "pending_sessions": self.pending_sessions,
             "lag": {p.partition: p.lag for p in self.partitions},
         }
+
+
+class RayMetricsExporter:
+    """Publishes a consumer's metrics through `ray.util.metrics` (Prometheus via the Ray dashboard
+    agent): counters for events and sessions, gauges for committed offset and lag per partition."""
+
+    COUNTERS = ("consumed", "appended", "duplicates", "late_events", "sessions_processed", "sessions_skipped",
+                "session_retries", "commits")
+
+    def __init__(self, consumer: str) -> None:
+        from ray.util.metrics import Counter as RayCounter
+        from ray.util.metrics import Gauge
+
+        self.tags = {"consumer": consumer}
+        self.counters = {f: RayCounter(f"tsubasa_ingest_{f}_total", description=f"ingest {f}", tag_keys=("consumer",))
+                         for f in self.COUNTERS}
+        self.dead = RayCounter("tsubasa_ingest_dead_lettered_total", description="records dead-lettered",
+                               tag_keys=("consumer", "stage"))
+        self.closed = RayCounter("tsubasa_ingest_sessions_closed_total", description="sessions closed",
+                                 tag_keys=("consumer", "reason"))
+        self.committed = Gauge("tsubasa_ingest_committed_offset", description="committed offset",
+                               tag_keys=("partition",))
+        self.lag = Gauge("tsubasa_ingest_lag", description="fetch high watermark - committed offset",
+                         tag_keys=("partition",))
+        self.paused = Gauge("tsubasa_ingest_paused", description="1 while back-pressure pauses fetching",
+                            tag_keys=("consumer",))
+        self._last: dict[str, int] = {}
+
+    def _inc(self, counter, key: str, value: int, tags: dict[str, str]) -> None:
+        delta = value - self._last.get(key, 0)
+        if delta > 0:
+            counter.inc(delta, tags=tags)
+            self._last[key] = value
+
+    def export(self, m: ConsumerMetrics) -> None:
+        for f, c in self.counters.items():
+            self._inc(c, f, getattr(m, f), self.tags)
+        for stage, n in m.dead_lettered.items():
+            self._inc(self.dead, f"dead:{stage}", n, {**self.tags, "stage": stage})
+        for reason, n in m.sessions_closed.items():
+            self._inc(self.closed, f"closed:{reason}", n, {**self.tags, "reason": reason})
+        self.paused.set(float(m.paused), tags=self.tags)
+        for p in m.partitions:
+            self.committed.set(p.committed, tags={"partition": str(p.partition)})
+            if p.lag is not None:
+                self.lag.set(p.lag, tags={"partition": str(p.partition)})
