@@ -236,7 +236,7 @@ def main() -> None:
 
             # 3: the full stack over HTTP
             t0 = time.perf_counter()
-            local.start_ray(settings)
+            started = local.start_ray(settings)
             try:
                 url = local.run_app(settings)
                 result["stack_start_s"] = round(time.perf_counter() - t0, 1)
@@ -244,7 +244,7 @@ def main() -> None:
                 result["load"] = load_run(url, key, args.model, users, args.clients, args.per_client,
                                           args.load_max_tokens)
             finally:
-                local.shutdown()
+                local.shutdown(stop_ray=started)
 
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)  # other work on the machine skews every figure
     t, o, ld = result["throughput"], result["overhead"], result["load"]

@@ -120,19 +120,21 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def start_ray(settings: Settings) -> None:
+def start_ray(settings: Settings) -> bool:
+    """Start (or join) Ray; False when this process was already connected (then leave it running)."""
     import ray
 
     local_ray_env()
     if ray.is_initialized():
-        return
+        return False
     sc = settings.serve
     if sc.ray_address:
         ray.init(address=sc.ray_address, log_to_driver=False)
-        return
+        return True
     want = sc.llm_num_cpus * sc.llm_replicas + 0.25 * sc.gateway_replicas + 1
     ray.init(num_cpus=sc.ray_num_cpus or max(os.cpu_count() or 1, int(want + 0.999)), include_dashboard=False,
              log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    return True
 
 
 def run_app(settings: Settings, name: str = "tsubasa", timeout_s: float = 600.0) -> str:
@@ -167,11 +169,13 @@ def wait_healthy(base_url: str, timeout_s: float = 600.0) -> None:
     raise TimeoutError(f"{base_url}/healthz not ready after {timeout_s:.0f} s ({last})")
 
 
-def shutdown() -> None:
+def shutdown(stop_ray: bool = True) -> None:
+    """Stop Serve (and Ray, unless someone else started it in this process)."""
     import ray
     from ray import serve
 
     with contextlib.suppress(Exception):
         serve.shutdown()
-    with contextlib.suppress(Exception):
-        ray.shutdown()
+    if stop_ray:
+        with contextlib.suppress(Exception):
+            ray.shutdown()

@@ -69,6 +69,7 @@ def stack(tmp_path_factory, embedder, tiny_cfg):
     tmp = tmp_path_factory.mktemp("serve")
     cache = tiny_cfg.cache_dir
     keys = {"acme": "sk-acme-" + secrets.token_hex(12), "globex": "sk-globex-" + secrets.token_hex(12)}
+    old_keys = os.environ.get("TSUBASA_API_KEYS")
     os.environ["TSUBASA_API_KEYS"] = ",".join(f"{t}:{hash_key(k)}" for t, k in keys.items())
     milvus = local.MilvusLiteServer(tmp / "milvus.db").start()
     settings = load_settings(
@@ -86,14 +87,18 @@ def stack(tmp_path_factory, embedder, tiny_cfg):
     registry.publish("acme", "bob", loras[3], manifest)
     registry.publish("globex", "carol", loras[2], manifest)
     t0 = time.perf_counter()
-    local.start_ray(settings)
+    started = local.start_ray(settings)
     url = local.run_app(settings, timeout_s=300)
     print(f"\nserve stack up in {time.perf_counter() - t0:.1f}s")
     clients = {t: openai.OpenAI(base_url=f"{url}/v1", api_key=k, max_retries=0, timeout=120) for t, k in keys.items()}
     yield {"url": url, "keys": keys, "clients": clients, "settings": settings, "registry": registry,
            "loras": loras, "memory_ids": memory_ids, "manifest": manifest}
-    local.shutdown()
+    local.shutdown(stop_ray=started)
     milvus.stop()
+    if old_keys is None:
+        os.environ.pop("TSUBASA_API_KEYS", None)
+    else:
+        os.environ["TSUBASA_API_KEYS"] = old_keys
 
 
 def _ask(client, user, question="What do you remember about me?", model="tiny-qwen3", **kw):

@@ -76,7 +76,7 @@ def demo(
     timings: dict[str, float] = {}
     with local.shared_milvus(settings) as shared:
         t0 = time.perf_counter()
-        local.start_ray(shared)
+        started = local.start_ray(shared)
         try:
             with console.status("starting local Ray + Serve (gateway, LLM deployment)..."):
                 url = local.run_app(shared)
@@ -153,4 +153,4 @@ def demo(
             console.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) +
                           f", total {time.perf_counter() - t_start:.0f}s")
         finally:
-            local.shutdown()
+            local.shutdown(stop_ray=started)

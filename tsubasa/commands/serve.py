@@ -50,7 +50,7 @@ def serve(
              "(`tsubasa serve --hash-key KEY` prints the hash)")
     os.environ.setdefault("TSUBASA_DATA_DIR", str(settings.data_dir))
     with local.shared_milvus(settings) as shared:
-        local.start_ray(shared)
+        started = local.start_ray(shared)
         try:
             with console.status("starting Ray Serve (gateway + LLM deployment)..."):
                 url = local.run_app(shared)
@@ -66,4 +66,4 @@ def serve(
                 stop.wait()
         finally:
             console.print("shutting down")
-            local.shutdown()
+            local.shutdown(stop_ray=started)
