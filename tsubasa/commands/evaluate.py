@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from tsubasa.commands.common import ConfigOpt, console, fail, progress, settings_or_exit, setup_logging
@@ -59,7 +60,8 @@ def _print_summaries(summaries) -> None:
         table.add_row(s.system, "-" if s.k is None else str(s.k), str(o.n), f(o.f1), f(o.f1_locomo), f(o.bleu1),
                       f(o.j), f(s.grounding_tokens, 1), f(s.latency_p50_s), f(s.latency_p95_s),
                       f(s.evidence_recall, 1))
-    console.print(table)
+    # Under nohup rich falls back to 80 columns, which squeezes this table unreadably.
+    (console if console.is_terminal else Console(width=160)).print(table)
 
 
 @app.command()
