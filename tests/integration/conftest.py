@@ -59,8 +59,16 @@ def persistent_broker(tmp_path, s3_server):
 @pytest.fixture(scope="session")
 def ray_local():
     """Local Ray (auth off, no dashboard); workers can import tests/support."""
+    import ingest_workload
     import ray
+    import scripted
 
+    # test-support modules travel by value, so workers need not import tests/support
+    for module in (ingest_workload, scripted):
+        ray.cloudpickle.register_pickle_by_value(module)
+    if ray.is_initialized():  # started by another test module: share it
+        yield ray
+        return
     os.environ["RAY_AUTH_MODE"] = "disabled"
     path = os.pathsep.join([str(SUPPORT), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
