@@ -56,6 +56,11 @@ def test_parse_qa():
     ("When did Ann adopt Milo?", "7 May 2023", "[2023-05-07] Ann adopted Milo", None),
     ("Who is Milo?", " ".join(["cat"] * 20), "cat " * 20, "too_long"),
     ("Is the cat named Milo?", "Milo", "Ann adopted a cat named Milo", "unanswerable"),
+    ("How have you been?", "I'm so excited to meet you! How have you been?",
+     "Ann: I'm so excited to meet you! How have you been?", "not_factoid"),
+    ("What is Ann's hobby?", "[2023-05-08] Ann: I'm glad to hear that", "[2023-05-08] Ann: I'm glad to hear that",
+     "not_factoid"),
+    ('How does this fact end: "Ann: I adopted ..."?', "a cat named Milo", "Ann: I adopted a cat named Milo", None),
 ])
 def test_filter_reasons(q, a, fact, why):
     assert QAFilter(DistillConfig()).reason(q, a, fact) == why

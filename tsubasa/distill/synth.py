@@ -179,6 +179,20 @@ def trivially_dated(question: str, answer: str) -> bool:
     return all(d in q for d in dates)
 
 
+_PERSONAL = re.compile(r"\b(i|i'm|i've|me|my|mine|you|you're|you've|your|yours|we|us|our)\b", re.I)
+_QUOTED = re.compile(r'"[^"]*"')
+_ECHO = re.compile(r"^\s*(\[\d{4}-\d{2}-\d{2}\]|[A-Z][\w .'-]{0,40}:)")
+
+
+def not_factoid(question: str, answer: str) -> bool:
+    """Chat rather than a fact about the user: a question in first/second person (outside quotes),
+    an answer that is a question, repeats the question, or echoes a memory line ('[date] Name: ...')."""
+    if _PERSONAL.search(_QUOTED.sub("", question)):
+        return True
+    a, q = normalise_answer(answer), normalise_answer(question)
+    return "?" in answer or bool(q and q in a) or bool(_ECHO.match(answer))
+
+
 def _spell_dates(text: str) -> str:
     """Append each ISO date's spelled forms ('7 May 2023'), so answers in either form count as supported."""
     extra = []
@@ -197,7 +211,7 @@ class SynthStats(BaseModel):
 
 
 class QAFilter:
-    """Drop reasons: unparseable, unanswerable, trivial_date, too_long, duplicate."""
+    """Drop reasons: unparseable, unanswerable, not_factoid, trivial_date, too_long, duplicate."""
 
     def __init__(self, cfg: DistillConfig, embedder: Embedder | None = None) -> None:
         self.cfg = cfg
@@ -217,6 +231,8 @@ class QAFilter:
         support = sum(w in fact_words for w in words) / max(1, len(words))
         if support < cfg.min_answer_support:
             return "unanswerable"
+        if not_factoid(question, answer):
+            return "not_factoid"
         if trivially_dated(question, answer):
             return "trivial_date"
         if normalise_answer(answer) and normalise_answer(answer) in normalise_answer(question):
