@@ -36,6 +36,7 @@ from tsubasa.schema import QAPair, stable_id
 
 log = logging.getLogger(__name__)
 
+FILTER_VERSION = 2  # part of the cache key: bump when parsing or filters change
 _QA_RE = re.compile(r"Question\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)+Answer\s*[:：]\s*(?P<a>[^\n]+)", re.I | re.S)
 _WORD_RE = re.compile(r"[A-Za-z0-9']+")
 _STOP_WORDS = (
@@ -356,7 +357,7 @@ def synth_cache_key(corpus: UserCorpus, model_name: str, cfg: DistillConfig, n: 
     fields = cfg.model_dump(include={"synth_mode", "synth_max_new_tokens", "max_question_words",
                                      "max_answer_words", "min_answer_support", "dedup_similarity", "seed"})
     return stable_id(corpus.content_hash, model_name, json.dumps(fields, sort_keys=True), str(n),
-                     str(PROMPT_VERSION))[:20]
+                     str(PROMPT_VERSION), str(FILTER_VERSION))[:20]
 
 
 class JsonCache:
