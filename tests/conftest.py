@@ -39,10 +39,18 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_cfg):
+def _shared_tiny_engine(tiny_cfg):
     from tsubasa.llm import load_engine
 
     return load_engine(tiny_cfg)
+
+
+@pytest.fixture()
+def tiny_engine(_shared_tiny_engine):
+    """The session's tiny-qwen3 engine, with no adapter left loaded by an earlier test."""
+    yield _shared_tiny_engine
+    for name in _shared_tiny_engine.loaded_adapters():
+        _shared_tiny_engine.unload_adapter(name)
 
 
 @pytest.fixture()

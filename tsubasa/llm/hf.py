@@ -104,6 +104,9 @@ class HFEngine:
                 return
             self.model.delete_adapter(name)
             del self._adapters[name]
+            if not self._adapters:  # drop the empty LoRA layers: back to the plain base model
+                self.base_model = self.model.unload()
+                self.model = self.base_model
 
     def loaded_adapters(self) -> list[str]:
         return list(self._adapters)
