@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # `from scripted import ScriptedEngine`
 
 LOCOMO = Path(os.environ.get("TSUBASA_LOCOMO", Path(__file__).resolve().parents[1] / "../shared/data/locomo10.json"))
-MODEL_CACHE = Path(os.environ.get("TSUBASA_TEST_MODEL_CACHE", Path.home() / ".cache" / "tsubasa" / "models"))
+from testenv import MODEL_CACHE  # noqa: E402
 
 
 @pytest.fixture(scope="session")

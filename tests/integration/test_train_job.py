@@ -50,7 +50,7 @@ run_distill_job(settings, users, job=TrainJobConfig(num_workers=2), store=store)
 
 
 def _overrides(tmp: Path) -> dict:
-    from conftest import MODEL_CACHE
+    from testenv import MODEL_CACHE
 
     return {"data_dir": str(tmp / "data"), "model": {"name": "tiny-qwen3", "cache_dir": str(MODEL_CACHE),
                                                      "batch_size": 4},
