@@ -35,6 +35,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def _label_offsets(groups: dict[tuple[float, float], list[str]]) -> dict[tuple[float, float], float]:
+    """Vertical label offsets (points): within a cluster of points at about the same tokens (log
+    distance under 0.12 decades), the highest point is labelled above and the others below, stacked,
+    so labels of points on one vertical line do not print over each other."""
+    import math
+
+    offsets: dict[tuple[float, float], float] = {}
+    keys = sorted(groups, key=lambda k: math.log10(max(k[0], 1e-9)))
+    clusters: list[list[tuple[float, float]]] = []
+    for key in keys:
+        if clusters and math.log10(max(key[0], 1e-9)) - math.log10(max(clusters[-1][0][0], 1e-9)) < 0.12:
+            clusters[-1].append(key)
+        else:
+            clusters.append([key])
+    for cluster in clusters:
+        below = 0
+        for i, key in enumerate(sorted(cluster, key=lambda k: -k[1])):
+            lines = len(groups[key])
+            if i == 0:
+                offsets[key] = 8
+            else:
+                offsets[key] = -10 - 9 * (lines - 1) - below
+                below += 9 * lines + 4
+    return offsets
+
+
 def _name(s: Summary, compare: bool) -> str:
     return f"{s.run}: {s.label}" if compare else s.label
 
@@ -62,10 +88,8 @@ def plot_pareto(summaries: Sequence[Summary], path: str | Path, compare: bool = 
             ax.scatter([x], [y], s=70, color=cmap(names.index(_name(s, compare)) % 10), zorder=3,
                        edgecolor="black", linewidth=0.5, label=_name(s, compare))
             groups.setdefault((round(x, 1), round(y, 2)), []).append(_name(s, compare))
-        for i, ((x, y), labels) in enumerate(sorted(groups.items())):
-            # Alternate above/below so labels of neighbouring points do not print over each other.
-            dy = 8 if i % 2 == 0 else -10 - 9 * len(labels)
-            ax.annotate("\n".join(labels), (x, y), textcoords="offset points", xytext=(6, dy), fontsize=8)
+        for (x, y), dy in _label_offsets(groups).items():
+            ax.annotate("\n".join(groups[(x, y)]), (x, y), textcoords="offset points", xytext=(6, dy), fontsize=8)
         front = pareto_front(pts)
         if len(front) > 1:
             xs, ys = zip(*front, strict=True)
