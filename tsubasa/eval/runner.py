@@ -84,6 +84,10 @@ class RunSpecMismatchError(ValueError):
     """The run directory was made with different answer-affecting options."""
 
 
+def _label(system: str, k: int | None) -> str:
+    return system if k is None else f"{system}@k={k}"
+
+
 def row_key(system: str, k: int | None, qa_id: str) -> str:
     return f"{system}|k={'-' if k is None else k}|{qa_id}"
 
@@ -295,8 +299,9 @@ class LocomoRunner:
                     if progress:
                         label = name if k is None else f"{name}@k={k}"
                         progress(label, skipped + answered, len(items))
-        described = {f"{n}" + ("" if k is None else f"@k={k}"): s.describe() for (n, k), s in systems.items()}
-        self._record_systems(described)
+                # After each system, so a run killed later still keeps its facts (prefill, truncation).
+                self._record_systems({_label(name, k): system.describe()})
+        described = {_label(n, k): s.describe() for (n, k), s in systems.items()}
         return RunResult(self.run_dir, len(items), skipped, answered, time.perf_counter() - t_start, described)
 
     def _record_systems(self, described: dict[str, dict[str, Any]]) -> None:
