@@ -9,7 +9,7 @@ model (no adapter: "before") and with an adapter ("after").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,8 +73,10 @@ def teacher_reference(engine: Any, items: Sequence[QATargets], max_new_tokens: i
 
 
 def measure(engine: Any, dataset: UserDataset, conditions: Sequence[Condition], max_new_tokens: int = 32,
-            reference: Sequence[TeacherReference] | None = None) -> list[InternalisationRow]:
-    """One row per condition over the dataset's held-out items (adapters must be loaded in `engine`)."""
+            reference: Sequence[TeacherReference] | None = None,
+            on_condition: Callable[[str, int, int], None] | None = None) -> list[InternalisationRow]:
+    """One row per condition over the dataset's held-out items (adapters must be loaded in `engine`);
+    the teacher's answers and distributions are computed once for all conditions."""
     items = dataset.heldout
     if not items:
         raise ValueError(f"{dataset.tenant_id}/{dataset.user_id} has no held-out questions "
@@ -82,7 +84,9 @@ def measure(engine: Any, dataset: UserDataset, conditions: Sequence[Condition], 
     ref = list(reference) if reference is not None else teacher_reference(engine, items, max_new_tokens)
     teacher_lp = [_logprobs(engine, it.teacher_prompt, r.answer_ids, None) for it, r in zip(items, ref, strict=True)]
     rows = []
-    for cond in conditions:
+    for i, cond in enumerate(conditions):
+        if on_condition:
+            on_condition(f"measure {cond.label}", i, len(conditions))
         prompts = [student_messages(it.qa.question, it.grounding[:cond.grounding_k]) for it in items]
         gens = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens),
                                adapters=[cond.adapter] * len(items) if cond.adapter else None)

@@ -59,11 +59,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     if progress:
         progress("teacher answers", 0, 1)
     ref = teacher_reference(engine, ds.heldout, max_new_tokens=cfg.max_answer_words * 3)
-    rows = []
-    for i, c in enumerate(conds):
-        if progress:
-            progress(f"measure {c.label}", i, len(conds))
-        rows.extend(measure(engine, ds, [c], max_new_tokens=cfg.max_answer_words * 3, reference=ref))
+    rows = measure(engine, ds, conds, max_new_tokens=cfg.max_answer_words * 3, reference=ref, on_condition=progress)
     return {"tenant_id": tenant_id, "user_id": user_id, "model": settings.model.name, "n_heldout": len(ds.heldout),
             "n_train": len(ds.train), "dataset": ds.stats, "training": training,
             "config": cfg.model_dump(include={"lora_rank", "lora_alpha", "epochs", "learning_rate", "batch_size",
