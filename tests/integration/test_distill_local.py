@@ -30,9 +30,9 @@ def seeded(settings, store, embedder, monkeypatch):
 
 def test_local_distill_registry_cli_and_eval_systems(seeded, store, embedder, tiny_engine):
     from tsubasa.cli import app
-    from tsubasa.distill.eval_systems import MissingAdapterError
     from tsubasa.distill.pipeline import distill_local, registry_for
     from tsubasa.distill.train import TrainSpec
+    from tsubasa.eval.distilled import MissingAdapterError
     from tsubasa.eval.systems import Question, SystemContext, available_systems, build_system
     from tsubasa.memory.retrieve import Retriever
 

@@ -20,7 +20,7 @@ adapter without grounding, vanilla fine-tuning). A system's LoRA adapter goes th
 `adapters=[name]` argument; `RetrievalSystem(adapter=...)` and `k=0` (no grounding) cover those
 variants. Modules listed in `PLUGIN_MODULES` (if installed) and entry points in the group
 `tsubasa.eval_systems` are imported on first lookup so they can register themselves. For example,
-in `tsubasa/distill/eval_systems.py`:
+in `tsubasa/eval/distilled.py`:
 
     def adapter_for(engine):            # load the user's current adapter once, return its name
         def pick(tenant, user):
@@ -153,7 +153,7 @@ class SystemSpec:
 
 
 _REGISTRY: dict[str, SystemSpec] = {}
-PLUGIN_MODULES = ("tsubasa.distill.eval_systems",)
+PLUGIN_MODULES = ("tsubasa.eval.distilled",)
 """Modules imported (when present) before a lookup, so other wings can register systems."""
 _plugins_loaded = False
 
