@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -95,3 +95,51 @@ class Engine(Protocol):
     def unload_adapter(self, name: str) -> None: ...
 
     def loaded_adapters(self) -> list[str]: ...
+
+
+class ChatTokenizerMixin:
+    """Tokenisation both engines share, so HFEngine and VLLMEngine agree token for token: the
+    chat template, continuation ids, the stop-token set and the trimming of a finished generation.
+    The engine sets `tokenizer` (a transformers tokenizer) and `cfg` (a ModelConfig)."""
+
+    tokenizer: Any
+    cfg: Any
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        """Token ids of a chat prompt with the generation prompt appended."""
+        text = self.tokenizer.apply_chat_template(
+            [m.model_dump() if isinstance(m, ChatMessage) else dict(m) for m in messages],
+            tokenize=False, add_generation_prompt=True, enable_thinking=self.cfg.enable_thinking,
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def continuation_ids(self, continuation: str, append_eos: bool = True) -> list[int]:
+        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if append_eos and self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return ids
+
+    def merged_eos_ids(self, generation_eos: int | list[int] | None) -> list[int]:
+        """The generation config's EOS id(s) plus the tokenizer's (chat models end turns on either)."""
+        ids = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        if self.tokenizer.eos_token_id is not None:
+            ids = [*ids, self.tokenizer.eos_token_id]
+        return sorted({int(i) for i in ids if i is not None})
+
+    def finish_generation(self, new: list[int], finish: str, eos: set[int], params: SamplingParams,
+                          prompt_tokens: int, adapter: str | None) -> Generation:
+        """Cut at the first EOS (not part of the text) and at the first stop string."""
+        for j, t in enumerate(new):
+            if t in eos:
+                new, finish = new[:j], "stop"
+                break
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        for s in params.stop:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Generation(text=text.strip(), token_ids=new, prompt_tokens=prompt_tokens,
+                          completion_tokens=len(new), finish_reason=finish,  # type: ignore[arg-type]
+                          adapter=adapter)

@@ -15,7 +15,7 @@ import numpy as np
 from tsubasa.config import ModelConfig
 from tsubasa.llm.base import (
     AdapterNotLoadedError,
-    ChatMessage,
+    ChatTokenizerMixin,
     Generation,
     Messages,
     SamplingParams,
@@ -27,11 +27,7 @@ log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
-def _as_dicts(messages: Messages) -> list[dict[str, str]]:
-    return [m.model_dump() if isinstance(m, ChatMessage) else dict(m) for m in messages]
-
-
-class HFEngine:
+class HFEngine(ChatTokenizerMixin):
     """A causal LM from transformers; LoRA adapters via peft, kept in an LRU of `max_loaded_adapters`."""
 
     def __init__(self, cfg: ModelConfig | None = None) -> None:
@@ -58,25 +54,9 @@ class HFEngine:
         self._lock = threading.RLock()
         torch.manual_seed(cfg.seed)
 
-    # ---- tokens -------------------------------------------------------------------------------
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_ids(self, messages: Messages) -> list[int]:
-        """Token ids of a chat prompt with the generation prompt appended."""
-        text = self.tokenizer.apply_chat_template(
-            _as_dicts(messages), tokenize=False, add_generation_prompt=True,
-            enable_thinking=self.cfg.enable_thinking,
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     @property
     def eos_ids(self) -> list[int]:
-        ids = self.base_model.generation_config.eos_token_id
-        ids = ids if isinstance(ids, list) else [ids]
-        if self.tokenizer.eos_token_id is not None:
-            ids = [*ids, self.tokenizer.eos_token_id]
-        return sorted({i for i in ids if i is not None})
+        return self.merged_eos_ids(self.base_model.generation_config.eos_token_id)
 
     # ---- adapters -----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
@@ -171,33 +151,16 @@ class HFEngine:
         width = enc["input_ids"].shape[1]
         eos = set(self.eos_ids)
         gens = []
-        for row, prompt in zip(seqs.tolist(), batch, strict=True):
+        for i, (row, prompt) in enumerate(zip(seqs.tolist(), batch, strict=True)):
             new = row[width:]
-            finish = "length"
-            for j, t in enumerate(new):
-                if t in eos:
-                    new, finish = new[:j], "stop"
-                    break
-            while new and new[-1] == self.tokenizer.pad_token_id and finish == "length":
-                new = new[:-1]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            for s in params.stop:
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            gens.append(Generation(
-                text=text.strip(), token_ids=new, prompt_tokens=len(prompt), completion_tokens=len(new),
-                finish_reason=finish,  # type: ignore[arg-type]
-                adapter=None if adapters is None else adapters[len(gens)],
-            ))
+            if not eos.intersection(new):  # ran to the length limit: drop the batch's right padding
+                while new and new[-1] == self.tokenizer.pad_token_id:
+                    new = new[:-1]
+            gens.append(self.finish_generation(new, "length", eos, params, len(prompt),
+                                               None if adapters is None else adapters[i]))
         return gens
 
     # ---- scoring ------------------------------------------------------------------------------
-    def continuation_ids(self, continuation: str, append_eos: bool = True) -> list[int]:
-        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if append_eos and self.tokenizer.eos_token_id is not None:
-            ids = [*ids, self.tokenizer.eos_token_id]
-        return ids
-
     def score_topd(
         self,
         prompts: Sequence[Messages],

@@ -24,7 +24,7 @@ import numpy as np
 from tsubasa.config import ModelConfig
 from tsubasa.llm.base import (
     AdapterNotLoadedError,
-    ChatMessage,
+    ChatTokenizerMixin,
     Generation,
     Messages,
     SamplingParams,
@@ -40,11 +40,7 @@ MAX_LORAS_PER_BATCH = 8
 """Distinct adapters one engine step may mix (vLLM `max_loras`: device slots)."""
 
 
-def _as_dicts(messages: Messages) -> list[dict[str, str]]:
-    return [m.model_dump() if isinstance(m, ChatMessage) else dict(m) for m in messages]
-
-
-class VLLMEngine:
+class VLLMEngine(ChatTokenizerMixin):
     """vLLM `LLM` with LoRA enabled; adapters are registered by name and loaded lazily by vLLM."""
 
     def __init__(self, cfg: ModelConfig | None = None, lora: bool = True, **engine_kwargs: Any) -> None:
@@ -94,24 +90,10 @@ class VLLMEngine:
             eos = gen_cfg.eos_token_id
         except OSError:
             eos = None
-        eos = eos if isinstance(eos, list) else [eos]
-        if self.tokenizer.eos_token_id is not None:
-            eos = [*eos, self.tokenizer.eos_token_id]
-        self.eos_ids = sorted({int(i) for i in eos if i is not None})
+        self.eos_ids = self.merged_eos_ids(eos)
         self._adapters: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-
-    # ---- tokens -------------------------------------------------------------------------------
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def prompt_ids(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            _as_dicts(messages), tokenize=False, add_generation_prompt=True,
-            enable_thinking=self.cfg.enable_thinking,
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- adapters -----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
@@ -190,30 +172,12 @@ class VLLMEngine:
         eos = set(self.eos_ids)
         for i, (out, ids) in enumerate(zip(outs, encoded, strict=True)):
             comp = out.outputs[0]
-            new = list(comp.token_ids)
             finish = "length" if comp.finish_reason == "length" else "stop"
-            for j, t in enumerate(new):  # same trimming as HFEngine: the EOS token is not part of the text
-                if t in eos:
-                    new, finish = new[:j], "stop"
-                    break
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            for s in params.stop:
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            gens.append(Generation(
-                text=text.strip(), token_ids=new, prompt_tokens=len(ids), completion_tokens=len(new),
-                finish_reason=finish,  # type: ignore[arg-type]
-                adapter=None if adapters is None else adapters[i],
-            ))
+            gens.append(self.finish_generation(list(comp.token_ids), finish, eos, params, len(ids),
+                                               None if adapters is None else adapters[i]))
         return gens
 
     # ---- scoring ------------------------------------------------------------------------------
-    def continuation_ids(self, continuation: str, append_eos: bool = True) -> list[int]:
-        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if append_eos and self.tokenizer.eos_token_id is not None:
-            ids = [*ids, self.tokenizer.eos_token_id]
-        return ids
-
     def score_topd(
         self,
         prompts: Sequence[Messages],
