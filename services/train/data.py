@@ -9,6 +9,7 @@ users whose history changed. A user that fails (no usable QA) is reported, not f
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,9 @@ class UserDatasetBuilder:
         from tsubasa.embed import load_embedder
         from tsubasa.llm import load_engine
 
+        if not logging.getLogger().handlers:  # Ray forwards the actor's stderr to the driver's console
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.setLevel(logging.INFO)
         self.settings = settings
         self.d = d
         self.engine = load_engine(settings.model)
@@ -41,8 +45,12 @@ class UserDatasetBuilder:
             corpus = UserCorpus.model_validate_json(str(corpus_json))
             out["key"].append(f"{corpus.tenant_id}/{corpus.user_id}")
             try:
+                t0 = time.monotonic()
                 ds = prepare_dataset(self.engine, self.embedder, corpus, self.settings.distill, self.d, self.cache,
-                                     batch_size=self.settings.model.batch_size)
+                                     batch_size=self.settings.model.batch_size,
+                                     progress=_progress_logger(out["key"][-1]))
+                log.info("%s: dataset ready, %d QA with teacher targets in %.0f s", out["key"][-1], len(ds.items),
+                         time.monotonic() - t0)
                 out["dataset"].append(ds.model_dump_json())
                 out["error"].append("")
             except ValueError as exc:  # no usable QA for this user: report it, keep the batch going
@@ -50,6 +58,19 @@ class UserDatasetBuilder:
                 out["dataset"].append("")
                 out["error"].append(str(exc))
         return out
+
+
+def _progress_logger(key: str, every_s: float = 15.0) -> Callable[[str, int, int], None]:
+    """Per-user progress of the data stage as log lines (at most one per `every_s` per stage)."""
+    last: dict[str, float] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last.get(stage, 0.0) >= every_s:
+            last[stage] = now
+            log.info("%s: %s %d/%d", key, stage, done, total)
+
+    return report
 
 
 def build_datasets(corpora: Sequence[UserCorpus], settings: Settings, job: TrainJobConfig, d: int,

@@ -94,6 +94,9 @@ def test_runner_answers_every_system_and_resumes(tmp_path, conv, backend, tiny_e
     assert all(r["grounding_tokens"] <= 300 for r in full)
     static = {r["qa_id"]: r["grounding"] for r in rows if r["system"] == "memory-static"}
     assert static == {r["qa_id"]: r["grounding"] for r in rows if r["system"] == "rag-observations"}
+    facts = json.loads((run_dir / "systems.json").read_text())  # static vs evolving: same prompt, other store
+    assert facts["memory-static@k=3"]["label"] == facts["memory-evolving@k=3"]["label"] == "Memories"
+    assert facts["rag-observations@k=3"]["label"] == "Observations"
 
     # Kill simulation: keep 6 rows and a torn seventh line, as a run killed mid-write leaves them.
     path = run_dir / ROWS_FILE

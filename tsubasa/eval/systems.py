@@ -12,8 +12,10 @@ Built in (names as the CLI takes them):
 | `memory-evolving` | TSUBASA evolving memory (ADD/UPDATE/RECONCILE/IGNORE), source `memories` |
 
 Static accumulation appends every observation without evolution, which is exactly the observations
-collection; so `memory-static` reads source `observations` and answers as `rag-observations` does. It
-keeps its own row because the paper reports it as the static ablation beside the evolving memory.
+collection; so `memory-static` reads source `observations` but with the memory prompt (context labelled
+"Memories", as `memory-evolving`): static vs evolving then differ only in the store, which is the
+ablation the paper reports. (With a small answerer the label alone moves answers: on conv-26 with
+SmolLM2-135M, half the predictions changed between the two labels over identical grounding.)
 
 Other wings add systems by name with `register_system` (the distillation issue: adapter + grounding,
 adapter without grounding, vanilla fine-tuning). A system's LoRA adapter goes through the engine's
@@ -211,8 +213,10 @@ class RetrievalSystem:
     """Answer from the top-k items of one source; optionally through a per-user adapter; k=0 = no grounding."""
 
     def __init__(self, ctx: SystemContext, name: str, source: Source, k: int | None = None,
-                 adapter: Callable[[str, str], str | None] | None = None) -> None:
+                 adapter: Callable[[str, str], str | None] | None = None, label: str | None = None) -> None:
         self.ctx, self.name, self.source = ctx, name, source
+        self.label = label or CONTEXT_LABELS[source]
+        """How the prompt names the grounding ("Memories", "Observations", ...)."""
         self.k = ctx.k if k is None else k
         self.adapter = adapter
         self.batch_size: int | None = None
@@ -224,8 +228,7 @@ class RetrievalSystem:
             g = (self.ctx.retriever.retrieve(q.tenant_id, q.user_id, q.question, k=self.k, source=self.source)
                  if self.k > 0 else None)
             took = time.perf_counter() - t0
-            prompts.append(answer_messages(q.question, g.text if g else None, CONTEXT_LABELS[self.source],
-                                           self.ctx.prompt_style))
+            prompts.append(answer_messages(q.question, g.text if g else None, self.label, self.ctx.prompt_style))
             partial.append((g, took, self.adapter(q.tenant_id, q.user_id) if self.adapter else None))
         adapters = [a for _, _, a in partial]
         t0 = time.perf_counter()
@@ -242,7 +245,7 @@ class RetrievalSystem:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "k": self.k, "adapter": bool(self.adapter)}
+        return {"source": self.source, "label": self.label, "k": self.k, "adapter": bool(self.adapter)}
 
 
 # ---- full context ----------------------------------------------------------------------------
@@ -377,8 +380,9 @@ register_system("rag-turns", lambda ctx: RetrievalSystem(ctx, "rag-turns", "turn
                 description="top-k raw utterances")
 register_system("rag-observations", lambda ctx: RetrievalSystem(ctx, "rag-observations", "observations"),
                 description="top-k extracted observations (no evolution)")
-register_system("memory-static", lambda ctx: RetrievalSystem(ctx, "memory-static", "observations"),
-                description="TSUBASA static accumulation (= every observation appended; reads observations)")
+register_system("memory-static",
+                lambda ctx: RetrievalSystem(ctx, "memory-static", "observations", label=CONTEXT_LABELS["memories"]),
+                description="TSUBASA static accumulation (every observation appended; memory prompt)")
 register_system("memory-evolving", lambda ctx: RetrievalSystem(ctx, "memory-evolving", "memories"),
                 description="TSUBASA evolving memory (ADD/UPDATE/RECONCILE/IGNORE)")
 
