@@ -22,7 +22,15 @@ app.command("serve")(serve.serve)
 
 
 def main() -> None:
-    app()
+    from tsubasa.memory.store import StoreLockedError
+
+    try:
+        app()
+    except StoreLockedError as exc:  # an expected operational error: a message, not a traceback
+        from tsubasa.commands.common import err_console
+
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

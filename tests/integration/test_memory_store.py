@@ -93,3 +93,30 @@ def test_store_survives_reopen(settings, embedder):
         assert [t.text for t in s2.list_turns("acme", "u9")] == ["Persistent turn about sailing."]
     finally:
         s2.close()
+
+
+def test_a_lite_file_held_by_another_process_is_a_clear_error(tmp_path, settings):
+    """Milvus Lite admits one process per file: a second process gets StoreLockedError naming the
+    file (and the CLI prints it without a traceback), not pymilvus' 'Open local milvus failed'."""
+    import subprocess
+    import sys
+
+    from tsubasa.memory.store import MilvusStore, StoreLockedError
+
+    uri = str(tmp_path / "held.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pymilvus import MilvusClient\n"
+         f"MilvusClient(uri={uri!r}); print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreLockedError, match=r"held\.db is in use by another process"):
+            MilvusStore(settings.milvus, uri=uri)
+    finally:
+        holder.kill()
+        holder.wait()
+    s = MilvusStore(settings.milvus, uri=uri)  # the lock goes with the process that held it
+    try:
+        assert s.counts() == {}
+    finally:
+        s.close()

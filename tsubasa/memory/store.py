@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -123,6 +124,39 @@ _CLIENTS: dict[str, Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
+class StoreLockedError(RuntimeError):
+    """A Milvus Lite file is held by another process (it admits one process at a time)."""
+
+
+_OPENED_HERE: set[str] = set()
+
+
+def _locked(uri: str) -> StoreLockedError:
+    return StoreLockedError(
+        f"Milvus Lite file {uri} is in use by another process (a Lite file admits one process at a time): "
+        f"wait for it or stop it, or run `milvus-lite server` on the file and set milvus.uri to its URL so "
+        f"that several processes can share it")
+
+
+def _lite_file_locked(path: str) -> bool:
+    """Whether another process holds Milvus Lite's LOCK file in `path` (probed, then released)."""
+    import fcntl
+
+    lock = Path(path).expanduser() / "LOCK"
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _client(uri: str, token: str | None, db_name: str):
     """One MilvusClient per (uri, db) per process: a Milvus Lite file admits a single process,
     and its client is safe to share between threads."""
@@ -138,7 +172,19 @@ def _client(uri: str, token: str | None, db_name: str):
                 kwargs["token"] = token
             if db_name:
                 kwargs["db_name"] = db_name
-            _CLIENTS[key] = MilvusClient(**kwargs)
+            local = "://" not in uri
+            # Probe Milvus Lite's lock first (a clear error instead of pymilvus' logged traceback), but
+            # only for a file this process never opened: our own lock may outlive close() a while.
+            if local and uri not in _OPENED_HERE and _lite_file_locked(uri):
+                raise _locked(uri)
+            try:
+                _CLIENTS[key] = MilvusClient(**kwargs)
+            except Exception as exc:
+                if local and _lite_file_locked(uri):
+                    raise _locked(uri) from exc
+                raise
+            if local:
+                _OPENED_HERE.add(uri)
         return _CLIENTS[key]
 
 
