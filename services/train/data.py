@@ -28,7 +28,7 @@ class UserDatasetBuilder:
         from tsubasa.embed import load_embedder
         from tsubasa.llm import load_engine
 
-        if not logging.getLogger().handlers:  # Ray forwards the actor's stderr to the driver's console
+        if not logging.getLogger().handlers:  # lines land in the Ray worker log of this actor (logs/worker-*.err)
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(logging.INFO)
         self.settings = settings
