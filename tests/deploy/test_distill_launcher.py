@@ -176,3 +176,10 @@ def test_launcher_reports_api_errors(tmp_path):
     env["RUN_FILE"] = str(tmp_path / "missing.json")
     proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "cannot read the launcher inputs" in proc.stderr
+
+
+def test_the_kustomize_copy_of_the_launcher_is_the_charts():
+    """kustomize reads files only under its own root, so k8s/base carries a copy of the chart's
+    launcher for its ConfigMap; the two must never drift."""
+    copy = CHART.parent.parent / "k8s" / "base" / "launch_rayjobs.py"
+    assert copy.read_bytes() == SCRIPT.read_bytes(), "run: cp charts/tsubasa/files/launch_rayjobs.py k8s/base/"
