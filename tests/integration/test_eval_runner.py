@@ -89,6 +89,9 @@ def test_runner_answers_every_system_and_resumes(tmp_path, conv, backend, tiny_e
     evolving = [r for r in rows if r["system"] == "memory-evolving"]
     assert all(r["grounding_tokens"] > 0 for r in evolving)
     assert any(r["evidence_recall"] for r in evolving)  # provenance D1:3 reaches the LoCoMo evidence ids
+    # memories reach the answerer dated as people (and LoCoMo's gold answers) write dates
+    assert any("[7 May 2023] Caroline went to an LGBTQ support group" in r["grounding"] for r in evolving)
+    assert not any("[2023-" in r["grounding"] for r in rows)
     full = [r for r in rows if r["system"] == "full-context"]
     assert all(r["extra"]["truncated"] and r["extra"]["turns_kept"] < r["extra"]["turns_total"] for r in full)
     assert all(r["grounding_tokens"] <= 300 for r in full)

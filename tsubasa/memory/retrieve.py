@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import date
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from tsubasa.embed import Embedder
-from tsubasa.memory.evolve import dated
 from tsubasa.memory.store import MemoryStore
 
 Source = Literal["memories", "observations", "turns"]
@@ -41,6 +41,17 @@ class Grounding(BaseModel):
         return Grounding(source=self.source, items=items, text=text, tokens=count_tokens(text) if text else 0)
 
 
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")  # not strftime("%B"): that follows the process locale
+
+
+def grounding_dated(text: str, when: date | None) -> str:
+    """A memory as the answering model sees it: "[7 May 2023] Caroline ...". Dates are written the way
+    people (and LoCoMo's sessions and gold answers) write them; with ISO dates answerers copy
+    "2023-05-07", which a reader has to translate and token F1 scores as wrong against "7 May 2023"."""
+    return f"[{when.day} {_MONTHS[when.month - 1]} {when.year}] {text}" if when else text
+
+
 def format_grounding(items: list[GroundingItem]) -> str:
     return "\n".join(f"- {it.text}" for it in items)
 
@@ -63,11 +74,11 @@ class Retriever:
         vec = self.embedder.embed([query])[0]
         items: list[GroundingItem] = []
         if k > 0 and source == "memories":
-            items = [GroundingItem(id=m.memory_id, text=dated(m.text, m.event_date), score=m.score or 0.0,
+            items = [GroundingItem(id=m.memory_id, text=grounding_dated(m.text, m.event_date), score=m.score or 0.0,
                                    source_ids=m.source_ids)
                      for m in self.store.search_memories(tenant_id, user_id, vec, k)]
         elif k > 0 and source == "observations":
-            items = [GroundingItem(id=o.observation_id, text=dated(o.text, o.event_date), score=s,
+            items = [GroundingItem(id=o.observation_id, text=grounding_dated(o.text, o.event_date), score=s,
                                    source_ids=o.source_ids)
                      for o, s in self.store.search_observations(tenant_id, user_id, vec, k)]
         elif k > 0 and source == "turns":
