@@ -73,7 +73,17 @@ def ray_cluster():
 
 
 def _checkpoints(storage: Path) -> list[Path]:
-    return [p for p in storage.glob("distill-*/checkpoint_*") if p.is_dir()]
+    """Checkpoints Ray Train has committed: listed in the run's checkpoint manager snapshot. (A
+    `checkpoint_*` directory appears before that; a job killed in between has nothing to resume.)"""
+    found = []
+    for snap in storage.glob("distill-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):  # being rewritten: look again on the next poll
+            continue
+        if latest.get("checkpoint_dir_name") and (snap.parent / latest["checkpoint_dir_name"]).is_dir():
+            found.append(snap.parent / latest["checkpoint_dir_name"])
+    return found
 
 
 def _train_workers() -> list:
