@@ -81,3 +81,20 @@ def test_internalisation_measure(seeded, store, embedder, tiny_engine):
     assert report["n_heldout"] >= 1
     for r in report["rows"]:
         assert r["mean_kl"] >= 0 and 0 <= r["agreement"] <= 1
+
+
+def test_student_grounding_is_what_serving_retrieves(seeded, store, embedder, tiny_engine):
+    """Train/serve parity: the memories a student is trained with are the texts the Retriever hands
+    the gateway and the harness for the same question (same items, same rendering of dates)."""
+    from tsubasa.distill.pipeline import prepare_dataset
+    from tsubasa.distill.synth import UserCorpus
+    from tsubasa.memory.retrieve import Retriever
+
+    cfg = seeded.distill
+    ds = prepare_dataset(tiny_engine, embedder, UserCorpus.from_store(store, "acme", "alice"), cfg, cfg.top_d)
+    retriever = Retriever(store, embedder, tiny_engine.count_tokens)
+    assert ds.items
+    for it in ds.items:
+        served = retriever.retrieve("acme", "alice", it.qa.question, k=cfg.grounding_k)
+        assert sorted(it.grounding) == sorted(g.text for g in served.items)
+        assert all(text.startswith("[") and not text.startswith("[20") for text in it.grounding)  # "[7 May 2023]"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tsubasa.llm.base import ChatMessage, msgs
 
-PROMPT_VERSION = 2  # part of cache keys: bump when a prompt changes
+PROMPT_VERSION = 3  # part of cache keys: bump when a prompt changes (3: memories dated "[7 May 2023]")
 
 SYNTH_SYSTEM = "You write quiz questions about facts. Every answer is a few words taken from the fact."
 

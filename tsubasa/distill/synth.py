@@ -32,6 +32,7 @@ from tsubasa.distill.prompts import PROMPT_VERSION, synth_messages
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine, SamplingParams
 from tsubasa.memory.evolve import dated
+from tsubasa.memory.retrieve import grounding_dated
 from tsubasa.schema import QAPair, stable_id
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ class CorpusMemory(BaseModel):
 
     @property
     def shown(self) -> str:
-        """As the retriever shows it to a model (dated)."""
-        return dated(self.text, self.event_date)
+        """Exactly as the retriever shows it to the answering model ("[7 May 2023] ..."): the teacher's
+        context and the student's grounding must match what serving retrieves."""
+        return grounding_dated(self.text, self.event_date)
 
 
 class UserCorpus(BaseModel):
@@ -137,7 +139,7 @@ def corpus_facts(corpus: UserCorpus, min_words: int = 5) -> list[Fact]:
         facts = []
         for m in corpus.memories:
             sessions = [session_of[s] for s in m.source_ids if s in session_of]
-            facts.append(Fact(text=m.shown, memory_ids=[m.memory_id], source_ids=list(m.source_ids),
+            facts.append(Fact(text=dated(m.text, m.event_date), memory_ids=[m.memory_id], source_ids=list(m.source_ids),
                               session_id=sessions[0] if sessions else "", event_date=m.event_date))
         return facts
     return [Fact(text=f"{t.speaker} ({t.session_date}): {t.text}", source_ids=[t.source_id], session_id=t.session_id)
