@@ -297,8 +297,7 @@ class LocomoRunner:
                     os.fsync(fh.fileno())
                     answered += len(batch)
                     if progress:
-                        label = name if k is None else f"{name}@k={k}"
-                        progress(label, skipped + answered, len(items))
+                        progress(_label(name, k), skipped + answered, len(items))
                 # After each system, so a run killed later still keeps its facts (prefill, truncation).
                 self._record_systems({_label(name, k): system.describe()})
         described = {_label(n, k): s.describe() for (n, k), s in systems.items()}
