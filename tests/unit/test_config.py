@@ -8,9 +8,28 @@ from tsubasa.config import ConfigError, load_settings
 def test_defaults_are_the_embedded_ones(monkeypatch):
     monkeypatch.delenv("TSUBASA_CONFIG", raising=False)
     s = load_settings()
-    assert s.model.name == "smollm2-135m-instruct"
+    assert s.model.name == "qwen2.5-coder-1.5b-instruct" and s.model.engine == "hf"
     assert s.memory.top_k == 3 and s.distill.top_d == 5
     assert s.milvus_uri.endswith("milvus.db")
+
+
+def test_writer_inherits_the_model_and_writes_with_llamacpp_where_a_gguf_exists(monkeypatch):
+    from tsubasa.llm import writer_model
+
+    monkeypatch.delenv("TSUBASA_CONFIG", raising=False)
+    s = load_settings()
+    w = writer_model(s.model, s.writer)
+    assert (w.name, w.engine) == ("qwen2.5-coder-1.5b-instruct", "llamacpp")  # same weights, llama.cpp
+    s = load_settings(model={"name": "tiny-qwen3"})  # no GGUF: the writer stays on the model's engine
+    assert writer_model(s.model, s.writer).engine == "hf"
+    s = load_settings(writer={"engine": "openai", "base_url": "http://127.0.0.1:9/v1", "name": "judge"},
+                      model={"name": "tiny-qwen3"})
+    w = writer_model(s.model, s.writer)
+    assert (w.engine, w.name, w.base_url, w.cache_dir) == ("openai", "judge", "http://127.0.0.1:9/v1",
+                                                          s.model.cache_dir)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(model={"engine": "openai"})
+    assert "base_url" in str(exc.value)
 
 
 def test_env_nested_override(monkeypatch):

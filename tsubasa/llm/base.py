@@ -30,6 +30,9 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    """Constrain the output to this JSON schema (engines with grammar support: llamacpp, openai
+    endpoints that accept `response_format`); the others raise EngineCapabilityError."""
 
 
 class Generation(BaseModel):
@@ -60,9 +63,16 @@ class AdapterNotLoadedError(KeyError):
     """A request named an adapter the engine has not loaded."""
 
 
+class EngineCapabilityError(NotImplementedError):
+    """The engine cannot do what was asked (adapters, top-d scores, constrained output); the message
+    names the engines that can."""
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """A chat LLM with named LoRA adapters. Implementations: HFEngine (transformers+peft), VLLMEngine."""
+    """A chat LLM with named LoRA adapters. Implementations: HFEngine (transformers+peft), VLLMEngine,
+    LlamaCppEngine (GGUF on the CPU: generation only) and OpenAIEngine (any OpenAI-compatible endpoint:
+    generation only)."""
 
     model_name: str
 
@@ -143,3 +153,40 @@ class ChatTokenizerMixin:
         return Generation(text=text.strip(), token_ids=new, prompt_tokens=prompt_tokens,
                           completion_tokens=len(new), finish_reason=finish,  # type: ignore[arg-type]
                           adapter=adapter)
+
+
+class GenerationOnlyMixin:
+    """Engines that generate but expose neither LoRA adapters nor full next-token distributions
+    (llama.cpp, remote OpenAI-compatible endpoints): asking for either is a clear error."""
+
+    model_name: str
+    engine_label: str = "this engine"
+
+    def _cannot(self, what: str) -> EngineCapabilityError:
+        return EngineCapabilityError(
+            f"{what} needs an engine that runs LoRA adapters and exposes next-token distributions: "
+            f"model.engine=hf or model.engine=vllm ({self.engine_label} generates only)")
+
+    def score_topd(self, prompts: Sequence[Messages], continuations: Sequence[str], d: int = 5,
+                   adapters: Sequence[str | None] | None = None, append_eos: bool = True) -> list[TopDScores]:
+        raise self._cannot("top-d scoring (distillation teacher/student)")
+
+    def load_adapter(self, name: str, path: str) -> None:
+        raise self._cannot(f"loading LoRA adapter {name!r}")
+
+    def unload_adapter(self, name: str) -> None:
+        return None  # nothing is ever loaded
+
+    def loaded_adapters(self) -> list[str]:
+        return []
+
+    def _check_adapters(self, adapters: Sequence[str | None] | None) -> None:
+        if adapters is not None and any(a is not None for a in adapters):
+            raise self._cannot("generation with a LoRA adapter")
+
+
+def reject_json_schema(params: SamplingParams, engine: str) -> None:
+    """For engines without grammar-constrained decoding."""
+    if params.json_schema is not None:
+        raise EngineCapabilityError(f"JSON-schema constrained output is not supported by the {engine} engine: "
+                                    "use model.engine=llamacpp or an openai endpoint that accepts response_format")

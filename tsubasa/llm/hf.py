@@ -20,6 +20,7 @@ from tsubasa.llm.base import (
     Messages,
     SamplingParams,
     TopDScores,
+    reject_json_schema,
 )
 from tsubasa.llm.models import resolve_model
 
@@ -113,6 +114,7 @@ class HFEngine(ChatTokenizerMixin):
         adapters: Sequence[str | None] | None = None,
     ) -> list[Generation]:
         params = params or SamplingParams()
+        reject_json_schema(params, "hf")
         encoded = [self.prompt_ids(p) for p in prompts]
         out: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad less

@@ -3,13 +3,16 @@ local directory / Hugging Face id for real deployments (Qwen/Qwen3-4B ... Qwen/Q
 
 Built-in models are written once into `<cache_dir>/<name>/` (safetensors + tokenizer), under a file
 lock and through a temporary directory renamed into place, so concurrent workers and crashes never
-leave a half-written model.
+leave a half-written model. `resolve_gguf` gives the GGUF file the llama.cpp engine loads; the
+embedded default `qwen2.5-coder-1.5b-instruct` has one GGUF (assembled from wheels, hash-checked,
+see `tsubasa.llm.gguf_parts`) and a transformers copy dequantised from that same file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -21,7 +24,8 @@ log = logging.getLogger(__name__)
 
 TINY_QWEN3 = "tiny-qwen3"
 SMOLLM2 = "smollm2-135m-instruct"
-BUILTIN_MODELS = (TINY_QWEN3, SMOLLM2)
+QWEN15 = "qwen2.5-coder-1.5b-instruct"
+BUILTIN_MODELS = (TINY_QWEN3, SMOLLM2, QWEN15)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _RECIPE_VERSION = 1  # bump when a recipe changes so caches rebuild
 _MARKER = "tsubasa_model.json"
@@ -52,6 +56,9 @@ def resolve_model(name: str, cache_dir: Path) -> str:
         return str(_provision(cache_dir, TINY_QWEN3, _build_tiny_qwen3))
     if name == SMOLLM2:
         return str(_provision(cache_dir, SMOLLM2, _build_smollm2))
+    if name == QWEN15:
+        gguf = resolve_gguf(QWEN15, cache_dir)
+        return str(_provision(cache_dir, QWEN15, lambda out: _build_from_gguf(out, gguf, QWEN15)))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -66,7 +73,8 @@ def resolve_model(name: str, cache_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created) for the duration of the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -90,7 +98,7 @@ def _provision(cache_dir: Path, name: str, build) -> Path:
     target = Path(cache_dir).expanduser() / name
     if _is_complete(target):
         return target
-    with _locked(target.with_name(f".{name}.lock")):
+    with file_lock(target.with_name(f".{name}.lock")):
         if _is_complete(target):
             return target
         tmp = target.with_name(f".{name}.tmp")
@@ -131,28 +139,81 @@ def _build_tiny_qwen3(out: Path) -> None:
 
 
 def _build_smollm2(out: Path) -> None:
-    """Dequantise the GGUF once; a GGUF-loaded model cannot save_pretrained, so its state_dict is
-    copied into a fresh model of the same config (later loads take about a second)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    _build_from_gguf(out, smollm2_gguf_path(), SMOLLM2)
 
-    gguf = smollm2_gguf_path()
-    tok = _smollm2_tokenizer()
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (AVX512-BF16 or AMX): bf16 weights are then both half the
+    memory and fast; elsewhere bf16 matmuls are emulated and float32 is the faster choice."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _build_from_gguf(out: Path, gguf: Path, name: str) -> None:
+    """Dequantise a GGUF once into a transformers copy (bf16 where the CPU has it, else float32).
+    A GGUF-loaded model cannot save_pretrained, so its state_dict is copied into a fresh model of the
+    same config (later loads take about a second)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if name != SMOLLM2 and cpu_has_bf16() else torch.float32
+    log.warning("dequantising %s into a transformers copy (%s, one time) at %s", gguf.name, dtype, out)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
-    fresh.load_state_dict(src.state_dict(), strict=False)
+    fresh = AutoModelForCausalLM.from_config(src.config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise ModelNotFoundError(f"{gguf.name}: weights do not match the architecture "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    del src
     fresh.tie_weights()
-    fresh.config.name_or_path = SMOLLM2
+    fresh.config.name_or_path = name
     fresh.generation_config.pad_token_id = tok.pad_token_id
+    eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None}
+    fresh.generation_config.eos_token_id = sorted(int(i) for i in eos if i is not None)
     fresh.save_pretrained(out)
     tok.save_pretrained(out)
 
 
+def resolve_gguf(name: str, cache_dir: Path) -> Path:
+    """The GGUF file of model `name` for the llama.cpp engine: a built-in with a GGUF, or a path to
+    a `.gguf` file (or a directory holding exactly one)."""
+    from tsubasa.llm import gguf_parts
+
+    if name == QWEN15:
+        return gguf_parts.provision(gguf_parts.QWEN15_PARTS, Path(cache_dir).expanduser() / f"{QWEN15}.gguf")
+    if name == SMOLLM2:
+        return smollm2_gguf_path()
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and len(found := sorted(path.glob("*.gguf"))) == 1:
+        return found[0]
+    raise ModelNotFoundError(
+        f"model {name!r} has no GGUF for the llama.cpp engine: use {QWEN15}, {SMOLLM2} or a path to a "
+        ".gguf file (tiny-qwen3 and Hugging Face ids run on the hf or vllm engines)")
+
+
 def load_tokenizer(name: str, cache_dir: Path):
-    """The tokenizer alone (for counting grounding tokens without loading weights)."""
+    """The tokenizer alone (for counting grounding tokens without loading weights). A GGUF-only model
+    (or the GGUF of a built-in) gives its embedded tokenizer, saved once beside it so later loads are fast."""
     import os
 
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(resolve_model(name, cache_dir))
+    if name == TINY_QWEN3 or (Path(name).expanduser() / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(resolve_model(name, cache_dir))
+    if name.count("/") == 1 and not Path(name).expanduser().exists():
+        return AutoTokenizer.from_pretrained(name)
+    gguf = resolve_gguf(name, cache_dir)
+    key = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:12]
+    saved = Path(cache_dir).expanduser() / "tokenizers" / f"{gguf.stem}-{key}"
+
+    def build(out: Path) -> None:
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+    return AutoTokenizer.from_pretrained(str(_provision(saved.parent, saved.name, build)))

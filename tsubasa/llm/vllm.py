@@ -29,6 +29,7 @@ from tsubasa.llm.base import (
     Messages,
     SamplingParams,
     TopDScores,
+    reject_json_schema,
 )
 from tsubasa.llm.models import resolve_model
 
@@ -163,6 +164,7 @@ class VLLMEngine(ChatTokenizerMixin):
         adapters: Sequence[str | None] | None = None,
     ) -> list[Generation]:
         params = params or SamplingParams()
+        reject_json_schema(params, "vllm")
         encoded = [self.prompt_ids(p) for p in prompts]
         with self._lock:
             loras = self._lora_requests(adapters, len(prompts))
