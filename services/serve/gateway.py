@@ -190,6 +190,7 @@ class Gateway:
         from services.serve.serving import HandleLLMClient
         from services.serve.settings import settings_from_payload
         from tsubasa.distill.adapters import registry_from_settings
+        from tsubasa.llm import load_engine, writer_model
         from tsubasa.llm.models import load_tokenizer
         from tsubasa.memory.runtime import MemorySystem
 
@@ -202,9 +203,15 @@ class Gateway:
         def decode(ids: list[int]) -> str:
             return tok.decode(ids, skip_special_tokens=True)
 
-        # Memory evolution is background work that queues behind chat traffic: wait long, not forever.
-        engine = RemoteEngine(llm, s.model.name, count, timeout_s=max(3600.0, s.serve.request_timeout_s * 10))
-        memory = MemorySystem(s, engine=engine)
+        wcfg = writer_model(s.model, s.writer)
+        if (wcfg.engine, wcfg.name) == (s.model.engine, s.model.name):
+            # The writer shares the LLM deployment (same weights, batched with chat traffic). Memory
+            # evolution is background work that queues behind chat: wait long, not forever.
+            engine: Any = RemoteEngine(llm, s.model.name, count,
+                                       timeout_s=max(3600.0, s.serve.request_timeout_s * 10))
+        else:  # its own engine in this replica (llama.cpp on a laptop, an OpenAI-compatible endpoint)
+            engine = load_engine(wcfg)
+        memory = MemorySystem(s, engine=engine, count_tokens=count)
         memory.retriever  # noqa: B018 - open Milvus and load the embedder now, not on the first request
         self.llm = llm
         self.service = GatewayService(s, HandleLLMClient(llm), memory, registry_from_settings(s), count, decode)

@@ -13,19 +13,21 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 
 import numpy as np
 
 from tsubasa.config import MemoryConfig
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine, SamplingParams, msgs
-from tsubasa.llm.models import BUILTIN_MODELS
+from tsubasa.llm.models import SMOLLM2, TINY_QWEN3
 from tsubasa.memory import prompts
+from tsubasa.memory.dates import human_date, resolve_relative
+from tsubasa.memory.guards import ObservationGuard, content_words
 from tsubasa.schema import Observation, Turn, stable_id
 
 log = logging.getLogger(__name__)
-SMALL_MODELS = set(BUILTIN_MODELS)
+SMALL_MODELS = {TINY_QWEN3, SMOLLM2}
 
 _BULLET = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|observation\s*\d*\s*:)\s*", re.I)
 _DATE = re.compile(r"^\s*[\[(]?\s*(\d{4}-\d{2}-\d{2})\s*[\])]?\s*[:\-–—]?\s*")
@@ -38,8 +40,6 @@ _META = re.compile(
     re.I,
 )
 _PLACEHOLDER = re.compile(r"YYYY|<[^>]+>|\bobservation\b\s*\(turns", re.I)
-_RELATIVE = {"yesterday": -1, "today": 0, "tonight": 0, "last night": -1, "tomorrow": 1,
-             "last week": -7, "next week": 7, "last month": -30, "next month": 30, "last year": -365}
 
 
 @dataclass
@@ -59,20 +59,11 @@ class ParsedObservation:
     event_date: date | None
     source_ids: list[str]
     speaker: str = ""
+    attributed: bool = False
 
 
 def transcript(turns: Sequence[Turn]) -> str:
     return "\n".join(f"[{t.source_id}] {t.speaker}: {t.text}" for t in turns)
-
-
-def _resolve_relative(text: str, report: date | None) -> date | None:
-    if report is None:
-        return None
-    low = text.lower()
-    for phrase, days in _RELATIVE.items():
-        if re.search(rf"\b{phrase}\b", low):
-            return report + timedelta(days=days)
-    return None
 
 
 def _ids_in(raw: str, known: set[str]) -> list[str]:
@@ -104,11 +95,14 @@ def _from_json(raw: str) -> list[dict] | None:
 
 def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | None, speaker: str,
                        max_items: int = 20, stats: ExtractionStats | None = None,
-                       speakers: Sequence[str] = (), seen: set[str] | None = None) -> list[ParsedObservation]:
+                       speakers: Sequence[str] = (), seen: set[str] | None = None,
+                       guard: ObservationGuard | None = None) -> list[ParsedObservation]:
     """Parse an extractor reply. Never raises; whatever cannot be used is dropped and counted.
 
     A line that starts with `<speaker>:` (small models echo turns) is kept for that speaker;
-    `seen` de-duplicates across the calls of one session."""
+    `seen` de-duplicates across the calls of one session. With a `guard` (see guards.py) each line
+    must be about `speaker`, supported by its turns and not a repeat. Relative dates ("yesterday")
+    are rewritten against `report_date` and give the event date."""
     stats = stats if stats is not None else ExtractionStats()
     known = set(known_ids)
     candidates: list[tuple[str, str | None, list[str]]] = []
@@ -140,13 +134,15 @@ def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | N
             candidates.append((line, when, ids))
     stats.lines += len(candidates)
     out: list[ParsedObservation] = []
+    kept_words: list[set[str]] = []
     seen = seen if seen is not None else set()
     for text, when, ids in candidates:
         text = _clean_text(text)
         who = speaker
-        for s in speakers:
-            if text.lower().startswith(s.lower() + ":"):
-                who, text = s, f"{s}: {text[len(s) + 1:].strip()}"
+        if guard is None:
+            for s in speakers:
+                if text.lower().startswith(s.lower() + ":"):
+                    who, text = s, f"{s}: {text[len(s) + 1:].strip()}"
         words = text.split()
         if len(words) < 4:
             stats.dropped["too_short"] += 1
@@ -160,6 +156,18 @@ def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | N
         if _META.search(text):
             stats.dropped["meta"] += 1
             continue
+        if guard is not None:
+            if guard.looping:
+                stats.dropped["loop"] += 1
+                break
+            fixed = guard.check(text, ids, stats.dropped)
+            if fixed is None:
+                continue
+            text = fixed
+            words = content_words(text, guard.names)
+            if guard.repeated(words, kept_words, stats.dropped):
+                continue
+            kept_words.append(words)
         key = re.sub(r"\W+", " ", text.lower()).strip()
         if key in seen:
             stats.dropped["duplicate"] += 1
@@ -171,7 +179,8 @@ def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | N
                 event_date = date.fromisoformat(when.strip()[:10])
             except ValueError:
                 stats.dropped["bad_date_kept_text"] += 1
-        event_date = event_date or _resolve_relative(text, report_date) or report_date
+        text, relative = resolve_relative(text, report_date)
+        event_date = event_date or relative or report_date
         if not text.endswith((".", "!", "?")):
             text += "."
         out.append(ParsedObservation(text=text, event_date=event_date, source_ids=ids, speaker=who))
@@ -208,10 +217,13 @@ class ObservationExtractor:
             user = prompts.EXTRACT_USER_COMPACT.format(
                 report_date=rd, session_date=turns[0].session_date or rd, transcript=text, speaker=speaker)
             return msgs(("user", user))
-        yesterday = (report_date - timedelta(days=1)).isoformat() if report_date else "unknown"
+        others = [s for s in dict.fromkeys(t.speaker for t in turns) if s != speaker]
         user = prompts.EXTRACT_USER.format(
-            report_date=rd, session_date=turns[0].session_date or rd, transcript=transcript(turns),
-            max_items=self.cfg.max_observations_per_session, speaker=speaker, yesterday=yesterday)
+            speakers=" and ".join(dict.fromkeys(t.speaker for t in turns)),
+            session_date=human_date(report_date) if report_date else "an unknown date",
+            transcript="\n".join(f"{t.speaker}: {t.text}" for t in turns),
+            max_items=self.cfg.max_observations_per_session, speaker=speaker,
+            others=" or ".join(others) or "anyone else")
         return msgs(("system", prompts.EXTRACT_SYSTEM), ("user", user))
 
     def extract(self, turns: Sequence[Turn]) -> tuple[list[Observation], ExtractionStats]:
@@ -229,37 +241,51 @@ class ObservationExtractor:
             SamplingParams(max_new_tokens=self.cfg.extract_max_new_tokens))
         known = [t.source_id for t in turns]
         all_speakers = list(dict.fromkeys(t.speaker for t in turns))
-        obs: list[Observation] = []
+        parsed: list[ParsedObservation] = []
         seen: set[str] = set()
         for speaker, reply in zip(speakers, replies, strict=True):
-            parsed = parse_observations(reply.text, known, report_date, speaker,
-                                        self.cfg.max_observations_per_session, stats, all_speakers, seen)
-            for p in parsed:
-                obs.append(Observation(
-                    observation_id=stable_id(first.tenant_id, first.user_id, first.session_id, speaker,
-                                             str(len(obs)), prefix="o"),
-                    tenant_id=first.tenant_id, user_id=first.user_id, session_id=first.session_id,
-                    speaker=p.speaker or speaker, text=p.text, event_date=p.event_date, report_date=report_date,
-                    source_ids=p.source_ids, index=len(obs)))
-        self._attribute(obs, turns, stats)
+            guard = None if self.compact else ObservationGuard(turns, speaker)
+            for p in parse_observations(reply.text, known, report_date, speaker,
+                                        self.cfg.max_observations_per_session, stats, all_speakers, seen, guard):
+                p.speaker = p.speaker or speaker
+                parsed.append(p)
+        parsed = self._attribute(parsed, turns, stats)
+        obs = [Observation(
+            observation_id=stable_id(first.tenant_id, first.user_id, first.session_id, p.speaker, str(i), prefix="o"),
+            tenant_id=first.tenant_id, user_id=first.user_id, session_id=first.session_id, speaker=p.speaker,
+            text=p.text, event_date=p.event_date, report_date=report_date, source_ids=p.source_ids,
+            attributed=p.attributed, index=i) for i, p in enumerate(parsed)]
         log.info("session %s: %d observations from %d lines (dropped %s)", first.session_id, len(obs),
                  stats.lines, dict(stats.dropped))
         return obs, stats
 
-    def _attribute(self, obs: list[Observation], turns: Sequence[Turn], stats: ExtractionStats) -> None:
-        """Provenance fallback: an observation that cites no turn gets the most similar turn(s) of its
-        speaker (at least `attribution_min_similarity`, else the single best one)."""
-        missing = [o for o in obs if not o.source_ids]
-        if not missing:
-            return
+    def _attribute(self, parsed: list[ParsedObservation], turns: Sequence[Turn],
+                   stats: ExtractionStats) -> list[ParsedObservation]:
+        """Provenance and the speaker check, by similarity to the session's turns.
+
+        An observation that cites no turn gets the most similar turn(s) of its speaker (at least
+        `attribution_min_similarity`, else the single best one). With the full prompt, one whose best
+        match among another speaker's turns beats its best own turn by `speaker_margin` is that other
+        speaker's fact credited to the wrong person, and is dropped (`other_speakers_turns`)."""
+        if not parsed:
+            return parsed
         tv = self.embedder.embed([t.text for t in turns])
-        ov = self.embedder.embed([o.text for o in missing])
-        sims = ov @ tv.T
-        for o, row in zip(missing, sims, strict=True):
-            own = np.array([t.speaker == o.speaker for t in turns])
+        sims = self.embedder.embed([p.text for p in parsed]) @ tv.T
+        kept = []
+        for p, row in zip(parsed, sims, strict=True):
+            own = np.array([t.speaker == p.speaker for t in turns])
+            if not self.compact and own.any() and (~own).any() \
+                    and row[~own].max() > row[own].max() + self.cfg.speaker_margin:
+                stats.dropped["other_speakers_turns"] += 1
+                continue
+            kept.append(p)
+            if p.source_ids:
+                continue
             scores = np.where(own, row, row - 0.1)  # prefer the speaker's own turns
             order = np.argsort(-scores)
             picked = [turns[i].source_id for i in order[:2] if scores[i] >= self.cfg.attribution_min_similarity]
-            o.source_ids = picked or [turns[int(order[0])].source_id]
-            o.attributed = True
+            p.source_ids = picked or [turns[int(order[0])].source_id]
+            p.attributed = True
             stats.attributed += 1
+        stats.kept = len(kept)
+        return kept

@@ -4,23 +4,23 @@ on a laptop as well as on Qwen3-32B."""
 from __future__ import annotations
 
 EXTRACT_SYSTEM = (
-    "You write memory observations: short, standalone, dated facts about one person, taken from a "
-    "conversation. You never invent facts."
+    "You keep a person's long-term memory. From a conversation you write short, standalone facts about "
+    "one person, each naming them, with the details the conversation gives (who, what, when, where, why, "
+    "how). You never invent anything and never describe the conversation itself."
 )
 
-EXTRACT_USER = """Session date: {report_date} ({session_date})
-Conversation:
+# The transcript comes first and the speaker last, so the prompts for the two speakers of one session
+# share their long prefix (llama.cpp's prompt cache re-reads only the tail). No turn ids in the
+# transcript: a 1.5B writer shown "[D1:3] Caroline: ..." copies the turns instead of writing facts;
+# provenance comes from similarity attribution (observe.py) instead.
+EXTRACT_USER = """Conversation between {speakers} on {session_date}:
 {transcript}
 
-Write up to {max_items} observations about {speaker}: events, plans, facts, preferences, relationships.
-Rules:
-- One standalone sentence per line that names {speaker} (who, what, when, where, why, how).
-- Turn relative dates into absolute dates using the session date (yesterday = {yesterday}).
-- No remarks about the conversation itself or about {speaker}'s mood in it.
-- End each line with the ids of the turns it comes from.
-Format, one observation per line:
-- [YYYY-MM-DD] observation (turns: ID, ID)
-where the date is when the event happened (the session date if unknown)."""
+List what this conversation tells about {speaker}: events in {speaker}'s life, activities, plans, \
+possessions, preferences, opinions, family, friends and pets. Only facts {speaker} states; \
+{others}'s own life is not {speaker}'s.
+Write short third-person sentences, one per line, each starting with "- {speaker}". Keep time \
+words such as "yesterday" or "last week" as they are. At most {max_items} lines."""
 
 DECIDE_SYSTEM = (
     "You maintain a person's long-term memory. Given numbered existing memories and one new "
@@ -43,8 +43,8 @@ Answer in exactly this format:
 OPERATION: <ADD | UPDATE n | RECONCILE n | IGNORE>
 MEMORY: <the merged or reconciled memory, empty for ADD and IGNORE>"""
 
-# Small models (135M-1B) echo ids and rules back; they get a short prompt without turn ids, and
-# provenance comes from similarity attribution instead.
+# Tiny models (135M, random test models) echo ids and rules back; they get a short prompt without
+# turn ids, and provenance comes from similarity attribution instead.
 EXTRACT_USER_COMPACT = """Conversation on {report_date} ({session_date}):
 {transcript}
 

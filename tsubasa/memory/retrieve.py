@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from tsubasa.embed import Embedder
+from tsubasa.memory.dates import human_date
 from tsubasa.memory.store import MemoryStore
 
 Source = Literal["memories", "observations", "turns"]
@@ -41,15 +42,11 @@ class Grounding(BaseModel):
         return Grounding(source=self.source, items=items, text=text, tokens=count_tokens(text) if text else 0)
 
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")  # not strftime("%B"): that follows the process locale
-
-
 def grounding_dated(text: str, when: date | None) -> str:
     """A memory as the answering model sees it: "[7 May 2023] Caroline ...". Dates are written the way
     people (and LoCoMo's sessions and gold answers) write them; with ISO dates answerers copy
     "2023-05-07", which a reader has to translate and token F1 scores as wrong against "7 May 2023"."""
-    return f"[{when.day} {_MONTHS[when.month - 1]} {when.year}] {text}" if when else text
+    return f"[{human_date(when)}] {text}" if when else text
 
 
 def format_grounding(items: list[GroundingItem]) -> str:
@@ -64,25 +61,29 @@ class Retriever:
     """Top-k retrieval over a user's memories (default), extracted observations or raw turns."""
 
     def __init__(self, store: MemoryStore, embedder: Embedder,
-                 count_tokens: Callable[[str], int] | None = None) -> None:
+                 count_tokens: Callable[[str], int] | None = None,
+                 mode: Literal["dense", "hybrid"] = "hybrid") -> None:
         self.store = store
         self.embedder = embedder
         self.count_tokens = count_tokens or _words
+        self.mode = mode
+        """`hybrid`: dense + BM25 fused (where the store's collections have BM25); `dense`: cosine only."""
 
     def retrieve(self, tenant_id: str, user_id: str, query: str, k: int = 3,
                  source: Source = "memories") -> Grounding:
         vec = self.embedder.embed([query])[0]
+        text = query if self.mode == "hybrid" else None
         items: list[GroundingItem] = []
         if k > 0 and source == "memories":
             items = [GroundingItem(id=m.memory_id, text=grounding_dated(m.text, m.event_date), score=m.score or 0.0,
                                    source_ids=m.source_ids)
-                     for m in self.store.search_memories(tenant_id, user_id, vec, k)]
+                     for m in self.store.search_memories(tenant_id, user_id, vec, k, text)]
         elif k > 0 and source == "observations":
             items = [GroundingItem(id=o.observation_id, text=grounding_dated(o.text, o.event_date), score=s,
                                    source_ids=o.source_ids)
-                     for o, s in self.store.search_observations(tenant_id, user_id, vec, k)]
+                     for o, s in self.store.search_observations(tenant_id, user_id, vec, k, text)]
         elif k > 0 and source == "turns":
             items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id], text=t.rendered())
-                     for t, s in self.store.search_turns(tenant_id, user_id, vec, k)]
+                     for t, s in self.store.search_turns(tenant_id, user_id, vec, k, text)]
         text = format_grounding(items)
         return Grounding(source=source, items=items, text=text, tokens=self.count_tokens(text) if text else 0)
