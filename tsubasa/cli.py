@@ -22,7 +22,7 @@ app.command("serve")(serve.serve)
 
 
 def main() -> None:
-    from tsubasa.memory.store import StoreLockedError
+    from tsubasa.memory.milvus import StoreLockedError
 
     try:
         app()

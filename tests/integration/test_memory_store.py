@@ -101,7 +101,8 @@ def test_a_lite_file_held_by_another_process_is_a_clear_error(tmp_path, settings
     import subprocess
     import sys
 
-    from tsubasa.memory.store import MilvusStore, StoreLockedError
+    from tsubasa.memory.milvus import StoreLockedError
+    from tsubasa.memory.store import MilvusStore
 
     uri = str(tmp_path / "held.db")
     holder = subprocess.Popen(

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from tsubasa.config import MilvusConfig
+from tsubasa.memory.milvus import (
+    HISTORY,
+    MAX_TEXT,
+    MEMORIES,
+    OBSERVATIONS,
+    SESSIONS,
+    TURNS,
+    MilvusCollections,
+)
 from tsubasa.schema import (
     EvolutionDecision,
     EvolutionOp,
@@ -33,25 +39,6 @@ from tsubasa.schema import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class _LiteNoise(logging.Filter):
-    """Milvus Lite lacks AllocTimestamp; query_iterator falls back to a client timestamp and works,
-    but the unimplemented call is logged with a traceback on every page. Drop just that."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return "Method not implemented" not in msg and "failed to get mvccTs" not in msg
-
-
-for _name in ("grpc._server", "pymilvus", "pymilvus.client.iterator.query_iterator"):
-    logging.getLogger(_name).addFilter(_LiteNoise())
-
-TURNS, OBSERVATIONS, MEMORIES, HISTORY, SESSIONS = "turns", "observations", "memories", "history", "sessions"
-_MARKER_DIM = 2  # Milvus needs a vector field in every collection; session markers carry a dummy one
-_MAX_TEXT = 16_384
-_QUERY_PAGE = 1000
-_QUERY_LIMIT = 16_384  # Milvus caps offset+limit of one query at 16384
 
 
 def _ms(dt: datetime) -> int:
@@ -98,7 +85,8 @@ class MemoryStore(Protocol):
     def upsert_turns(self, turns: Sequence[Turn], vectors: np.ndarray) -> int: ...
     def existing_turn_ids(self, turns: Sequence[Turn]) -> set[str]: ...
     def session_turns(self, tenant_id: str, user_id: str, session_id: str) -> list[Turn]: ...
-    def search_turns(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int) -> list[tuple[Turn, float]]: ...
+    def search_turns(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                     text: str | None = None) -> list[tuple[Turn, float]]: ...
     def open_sessions(self, tenant_id: str, user_id: str) -> list[str]: ...
     def session_state(self, tenant_id: str, user_id: str, session_id: str) -> SessionState | None: ...
     def set_session_state(self, tenant_id: str, user_id: str, session_id: str, state: str, n: int) -> None: ...
@@ -106,9 +94,10 @@ class MemoryStore(Protocol):
     def session_observations(self, tenant_id: str, user_id: str, session_id: str) -> list[StoredObservation]: ...
     def record_decision(self, obs: Observation, vector: np.ndarray, decision: EvolutionDecision,
                         applied: bool) -> None: ...
-    def search_observations(self, tenant_id: str, user_id: str, vector: np.ndarray,
-                            k: int) -> list[tuple[Observation, float]]: ...
-    def search_memories(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int) -> list[MemoryRecord]: ...
+    def search_observations(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                            text: str | None = None) -> list[tuple[Observation, float]]: ...
+    def search_memories(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                        text: str | None = None) -> list[MemoryRecord]: ...
     def get_memory(self, tenant_id: str, user_id: str, memory_id: str) -> tuple[MemoryRecord, np.ndarray] | None: ...
     def write_memory(self, record: MemoryRecord, vector: np.ndarray, op: EvolutionOp, observation_id: str) -> None: ...
     def memory_history(self, tenant_id: str, user_id: str, memory_id: str) -> list[MemoryVersion]: ...
@@ -120,156 +109,8 @@ class MemoryStore(Protocol):
     def forget_user(self, tenant_id: str, user_id: str) -> dict[str, int]: ...
 
 
-_CLIENTS: dict[str, Any] = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
-class StoreLockedError(RuntimeError):
-    """A Milvus Lite file is held by another process (it admits one process at a time)."""
-
-
-_OPENED_HERE: set[str] = set()
-
-
-def _locked(uri: str) -> StoreLockedError:
-    return StoreLockedError(
-        f"Milvus Lite file {uri} is in use by another process (a Lite file admits one process at a time): "
-        f"wait for it or stop it, or run `milvus-lite server` on the file and set milvus.uri to its URL so "
-        f"that several processes can share it")
-
-
-def _lite_file_locked(path: str) -> bool:
-    """Whether another process holds Milvus Lite's LOCK file in `path` (probed, then released)."""
-    import fcntl
-
-    lock = Path(path).expanduser() / "LOCK"
-    if not lock.exists():
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _client(uri: str, token: str | None, db_name: str):
-    """One MilvusClient per (uri, db) per process: a Milvus Lite file admits a single process,
-    and its client is safe to share between threads."""
-    from pymilvus import MilvusClient
-
-    key = f"{uri}|{db_name}"
-    with _CLIENTS_LOCK:
-        if key not in _CLIENTS:
-            if "://" not in uri:
-                Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            kwargs: dict[str, Any] = {"uri": uri}
-            if token:
-                kwargs["token"] = token
-            if db_name:
-                kwargs["db_name"] = db_name
-            local = "://" not in uri
-            # Probe Milvus Lite's lock first (a clear error instead of pymilvus' logged traceback), but
-            # only for a file this process never opened: our own lock may outlive close() a while.
-            if local and uri not in _OPENED_HERE and _lite_file_locked(uri):
-                raise _locked(uri)
-            try:
-                _CLIENTS[key] = MilvusClient(**kwargs)
-            except Exception as exc:
-                if local and _lite_file_locked(uri):
-                    raise _locked(uri) from exc
-                raise
-            if local:
-                _OPENED_HERE.add(uri)
-        return _CLIENTS[key]
-
-
-class MilvusStore:
+class MilvusStore(MilvusCollections):
     """MemoryStore on Milvus (Lite file, lite server or a cluster)."""
-
-    def __init__(self, cfg: MilvusConfig, uri: str | None = None) -> None:
-        self.cfg = cfg
-        self.uri = uri or cfg.uri
-        if not self.uri:
-            raise ValueError("milvus.uri is empty")
-        token = cfg.token.get_secret_value() if cfg.token else None
-        self.client = _client(self.uri, token, cfg.db_name)
-        self.dim = cfg.dim
-        self.names = {k: f"{cfg.collection_prefix}_{k}" for k in (TURNS, OBSERVATIONS, MEMORIES, HISTORY, SESSIONS)}
-        self._ensure_collections()
-
-    # ---- schema -------------------------------------------------------------------------------
-    def _ensure_collections(self) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        def base(schema, pk_len: int = 64) -> None:
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=pk_len)
-            schema.add_field("tenant_id", DataType.VARCHAR, max_length=128, is_partition_key=True)
-            schema.add_field("user_id", DataType.VARCHAR, max_length=128)
-
-        def text(schema, name: str, n: int = _MAX_TEXT) -> None:
-            schema.add_field(name, DataType.VARCHAR, max_length=n)
-
-        specs: dict[str, tuple[list[tuple[str, Any]], int]] = {
-            TURNS: ([("event_id", 128), ("session_id", 128), ("speaker", 128), ("text", _MAX_TEXT),
-                     ("source_id", 128), ("session_date", 64), ("ts", "int"), ("seq", "int")], self.dim),
-            OBSERVATIONS: ([("observation_id", 64), ("session_id", 128), ("speaker", 128), ("text", 4096),
-                            ("event_date", 16), ("report_date", 16), ("source_ids", 8192), ("attributed", "bool"),
-                            ("idx", "int"), ("decision", 8192), ("applied", "bool")], self.dim),
-            MEMORIES: ([("text", 8192), ("version", "int"), ("created_at", "int"), ("updated_at", "int"),
-                        ("last_op", 16), ("source_ids", 16384), ("observation_ids", 16384),
-                        ("event_date", 16)], self.dim),
-            HISTORY: ([("memory_id", 64), ("version", "int"), ("text", 8192), ("op", 16),
-                       ("observation_id", 64), ("at", "int")], self.dim),
-            SESSIONS: ([("session_id", 128), ("state", 16), ("n", "int"), ("updated_at", "int")], _MARKER_DIM),
-        }
-        for key, (fields, dim) in specs.items():
-            name = self.names[key]
-            if self.client.has_collection(name):
-                self.client.load_collection(name)  # needed after reopening a database
-                continue
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            base(schema)
-            for fname, kind in fields:
-                if kind == "int":
-                    schema.add_field(fname, DataType.INT64)
-                elif kind == "bool":
-                    schema.add_field(fname, DataType.BOOL)
-                else:
-                    text(schema, fname, kind)
-            schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
-            index = self.client.prepare_index_params()
-            index.add_index("vec", index_type="AUTOINDEX", metric_type="COSINE")
-            self.client.create_collection(
-                name, schema=schema, index_params=index, num_partitions=self.cfg.num_partitions,
-                consistency_level=self.cfg.consistency_level,
-            )
-
-    # ---- helpers ------------------------------------------------------------------------------
-    def _query_all(self, key: str, flt: str, fields: list[str]) -> list[dict[str, Any]]:
-        """Every row matching `flt` (paged, so large users are not truncated)."""
-        rows = self.client.query(self.names[key], filter=flt, output_fields=fields, limit=_QUERY_LIMIT)
-        if len(rows) < _QUERY_LIMIT:
-            return list(rows)
-        rows = []  # larger than one query may return: page through an iterator
-        it = self.client.query_iterator(self.names[key], batch_size=_QUERY_PAGE, filter=flt,
-                                        output_fields=fields)
-        try:
-            while batch := it.next():
-                rows.extend(batch)
-        finally:
-            it.close()
-        return rows
-
-    def _search(self, key: str, vector: np.ndarray, flt: str, k: int, fields: list[str]) -> list[dict[str, Any]]:
-        res = self.client.search(self.names[key], data=[np.asarray(vector, dtype=np.float32).tolist()],
-                                 filter=flt, limit=k, output_fields=fields,
-                                 search_params={"metric_type": "COSINE"})
-        return [{**hit["entity"], "_score": float(hit["distance"])} for hit in res[0]] if res else []
 
     # ---- turns --------------------------------------------------------------------------------
     _TURN_FIELDS = ["tenant_id", "user_id", "event_id", "session_id", "speaker", "text", "source_id",
@@ -294,7 +135,7 @@ class MilvusStore:
             return 0
         new = len(turns) - len(self.existing_turn_ids(turns))
         rows = [{"id": t.pk, "tenant_id": t.tenant_id, "user_id": t.user_id, "event_id": t.event_id,
-                 "session_id": t.session_id, "speaker": t.speaker[:128], "text": t.text[:_MAX_TEXT],
+                 "session_id": t.session_id, "speaker": t.speaker[:128], "text": t.text[:MAX_TEXT],
                  "source_id": t.source_id[:128], "session_date": t.session_date[:64], "ts": _ms(t.timestamp),
                  "seq": t.seq, "vec": v.tolist()} for t, v in zip(turns, vectors, strict=True)]
         self.client.upsert(self.names[TURNS], rows)
@@ -309,8 +150,10 @@ class MilvusStore:
         rows = self._query_all(TURNS, scope_filter(tenant_id, user_id), self._TURN_FIELDS)
         return sorted((self._turn(r) for r in rows), key=lambda t: (t.timestamp, t.seq, t.event_id))
 
-    def search_turns(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int) -> list[tuple[Turn, float]]:
-        hits = self._search(TURNS, vector, scope_filter(tenant_id, user_id), k, self._TURN_FIELDS)
+    def search_turns(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                     text: str | None = None) -> list[tuple[Turn, float]]:
+        """Top-k turns of one user; with `text`, hybrid (dense + BM25) where the collection has BM25."""
+        hits = self._search(TURNS, vector, scope_filter(tenant_id, user_id), k, self._TURN_FIELDS, text)
         return [(self._turn(h), h["_score"]) for h in hits]
 
     def open_sessions(self, tenant_id: str, user_id: str) -> list[str]:
@@ -389,9 +232,9 @@ class MilvusStore:
         rows = self._query_all(OBSERVATIONS, scope_filter(tenant_id, user_id), self._OBS_FIELDS)
         return sorted((self._obs(r) for r in rows), key=lambda o: (o.report_date or date.min, o.session_id, o.index))
 
-    def search_observations(self, tenant_id: str, user_id: str, vector: np.ndarray,
-                            k: int) -> list[tuple[Observation, float]]:
-        hits = self._search(OBSERVATIONS, vector, scope_filter(tenant_id, user_id), k, self._OBS_FIELDS)
+    def search_observations(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                            text: str | None = None) -> list[tuple[Observation, float]]:
+        hits = self._search(OBSERVATIONS, vector, scope_filter(tenant_id, user_id), k, self._OBS_FIELDS, text)
         return [(self._obs(h), h["_score"]) for h in hits]
 
     # ---- memories -----------------------------------------------------------------------------
@@ -407,8 +250,11 @@ class MilvusStore:
             observation_ids=json.loads(row["observation_ids"]), event_date=_date(row["event_date"]),
             score=row.get("_score"))
 
-    def search_memories(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int) -> list[MemoryRecord]:
-        hits = self._search(MEMORIES, vector, scope_filter(tenant_id, user_id), k, ["id", *self._MEM_FIELDS])
+    def search_memories(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
+                        text: str | None = None) -> list[MemoryRecord]:
+        """Top-k current memories; dense cosine scores (evolution thresholds read them), or with
+        `text` hybrid RRF scores where the collection has BM25."""
+        hits = self._search(MEMORIES, vector, scope_filter(tenant_id, user_id), k, ["id", *self._MEM_FIELDS], text)
         return [self._mem(h) for h in hits]
 
     def get_memory(self, tenant_id: str, user_id: str, memory_id: str) -> tuple[MemoryRecord, np.ndarray] | None:
@@ -482,13 +328,6 @@ class MilvusStore:
         rows += self._query_all(MEMORIES, scope_filter(tenant_id), ["user_id"])
         return sorted({r["user_id"] for r in rows})
 
-    def close(self) -> None:
-        """Release the shared client (Milvus Lite flushes its file)."""
-        with _CLIENTS_LOCK:
-            for key, client in list(_CLIENTS.items()):
-                if client is self.client:
-                    client.close()
-                    del _CLIENTS[key]
 
 
 def open_store(cfg: MilvusConfig, uri: str) -> MilvusStore:
