@@ -7,7 +7,9 @@ MiniLM embeddings, Milvus). Methods:
   locomo-obs        LoCoMo's own GPT-written `observation` field (carries turn ids): strong extractor
   tsubasa-evolved   our evolved memories (from an ingested Milvus db, where given)
   tsubasa-observed  our extracted observations before evolution (same db)
-Mean grounding tokens are counted with the serving model's tokenizer.
+Each method runs with dense retrieval (MiniLM cosine) and hybrid retrieval (dense + Milvus BM25,
+reciprocal-rank fused): `--search dense,hybrid`. Mean grounding tokens are counted with the serving
+model's tokenizer.
 
     .venv/bin/python benchmarks/retrieval.py --memory-db .tsubasa/conv26/milvus.db --memory-tenant bench
 """
@@ -62,10 +64,14 @@ def main() -> int:
     ap.add_argument("--ks", default="1,3,5,10")
     ap.add_argument("--memory-db", type=Path, help="Milvus Lite file with ingested conversations (copied first)")
     ap.add_argument("--memory-tenant", default="bench")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer used for token counts")
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct", help="tokenizer used for token counts")
+    ap.add_argument("--search", default="dense,hybrid", help="retrieval modes to compare: dense, hybrid or both")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/retrieval.json"))
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
+    modes = [m.strip() for m in args.search.split(",") if m.strip()]
+    if not modes or set(modes) - {"dense", "hybrid"}:
+        ap.error("--search: give dense, hybrid or dense,hybrid")
     try:
         convs = load_locomo()
     except LocomoNotFoundError as exc:
@@ -84,14 +90,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tsubasa-retrieval-"))
     store = MilvusStore(MilvusConfig(), uri=str(work / "index.db"))
     writer = MemoryWriter(store, embedder, engine=None)
-    retriever = Retriever(store, embedder, count)
-    mem_store = mem_retriever = None
+    retrievers = {m: Retriever(store, embedder, count, m) for m in modes}
+    mem_store = None
+    mem_retrievers: dict[str, Retriever] = {}
     if args.memory_db:
         copy = work / "memory.db"
         # Milvus Lite is single-process: never open the original (a directory with milvus-lite 3.x)
         (shutil.copytree if args.memory_db.is_dir() else shutil.copy)(args.memory_db, copy)
         mem_store = MilvusStore(MilvusConfig(), uri=str(copy))
-        mem_retriever = Retriever(mem_store, embedder, count)
+        mem_retrievers = {m: Retriever(mem_store, embedder, count, m) for m in modes}
 
     totals: dict[str, dict] = {}
     per_conv: dict[str, dict] = {}
@@ -107,8 +114,10 @@ def main() -> int:
                            report_date=conv.session(si).when.date(), source_ids=ev, index=i)
                for si, items in conv.observations.items() for i, (sp, text, ev) in enumerate(items)]
         store.upsert_observations(obs, embedder.embed([o.text for o in obs]))
-        results = {"utterance-rag": _recall(retriever, UTT, user, qa, ks, "turns", count),
-                   "locomo-obs": _recall(retriever, LOCOMO_OBS, user, qa, ks, "observations", count)}
+        results = {}
+        for m, r in retrievers.items():
+            results[f"utterance-rag [{m}]"] = _recall(r, UTT, user, qa, ks, "turns", count)
+            results[f"locomo-obs [{m}]"] = _recall(r, LOCOMO_OBS, user, qa, ks, "observations", count)
         if mem_store is not None and mem_store.list_memories(args.memory_tenant, user):
             # Compare on the sessions the memory db has processed (all of them once an ingest finished):
             # questions whose evidence lies in those sessions, utterance RAG over those sessions' turns.
@@ -119,14 +128,16 @@ def main() -> int:
             scope = f"sessions {done[0].index}-{done[-1].index}" if len(done) < len(conv.sessions) else "same convs"
             part_tenant = f"{UTT}-part"
             writer.append([e for s in done for e in session_events(conv, s, part_tenant, user, close=False)])
-            results[f"utterance-rag ({scope})"] = _recall(retriever, part_tenant, user, sub, ks, "turns", count)
-            results[f"tsubasa-evolved ({scope})"] = _recall(mem_retriever, args.memory_tenant, user, sub, ks,
-                                                            "memories", count)
-            results[f"tsubasa-observed ({scope})"] = _recall(mem_retriever, args.memory_tenant, user, sub, ks,
-                                                             "observations", count)
+            results_q = {}
+            for m in modes:
+                for name, (r, tenant, source) in {
+                        f"utterance-rag ({scope}) [{m}]": (retrievers[m], part_tenant, "turns"),
+                        f"tsubasa-evolved ({scope}) [{m}]": (mem_retrievers[m], args.memory_tenant, "memories"),
+                        f"tsubasa-observed ({scope}) [{m}]": (mem_retrievers[m], args.memory_tenant, "observations"),
+                }.items():
+                    results[name] = _recall(r, tenant, user, sub, ks, source, count)
+                    results_q[name] = len(sub)
             per_conv.setdefault(user, {})["memory_sessions"] = [s.index for s in done]
-            results_q = {f"utterance-rag ({scope})": len(sub), f"tsubasa-evolved ({scope})": len(sub),
-                         f"tsubasa-observed ({scope})": len(sub)}
         else:
             results_q = {}
         nq = {m: results_q.get(m, len(qa)) for m in results}
@@ -141,19 +152,19 @@ def main() -> int:
 
     summary = {}
     print(f"\nEvidence recall@k (all evidence ids covered), {len(convs)} conversation(s), {n_questions} questions")
-    print(f"{'method':28s} {'n':>5s} " + " ".join(f"{'R@' + str(k):>7s}" for k in ks) + "   mean tokens @k")
+    print(f"{'method':44s} {'n':>5s} " + " ".join(f"{'R@' + str(k):>7s}" for k in ks) + "   mean tokens @k")
     for method, t in totals.items():
         n = t["questions"]
         rec = {k: t[k]["covered"] / max(1, n) for k in ks}
         tok_k = {k: statistics.fmean(t[k]["tokens"]) for k in ks}
         summary[method] = {"questions": n, "recall": rec, "mean_tokens": tok_k,
                            "median_tokens": {k: float(np.median(t[k]["tokens"])) for k in ks}}
-        print(f"{method:28s} {n:5d} " + " ".join(f"{rec[k]:7.3f}" for k in ks) + "   "
+        print(f"{method:44s} {n:5d} " + " ".join(f"{rec[k]:7.3f}" for k in ks) + "   "
               + " / ".join(f"{tok_k[k]:.0f}" for k in ks))
     elapsed = time.perf_counter() - t0
     print(f"elapsed {elapsed:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ks": ks, "conversations": [c.sample_id for c in convs],
+    args.out.write_text(json.dumps({"ks": ks, "search": modes, "conversations": [c.sample_id for c in convs],
                                     "tokenizer": args.model, "memory_db": str(args.memory_db or ""),
                                     "summary": summary, "per_conversation": per_conv,
                                     "elapsed_s": elapsed, "command": " ".join(sys.argv)}, indent=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,9 @@ class LlamaCppEngine(GenerationOnlyMixin):
         p.warmup = False
         p.verbosity = -1 if not log.isEnabledFor(logging.DEBUG) else 3
         p.sampling.seed = cfg.seed
+        # xllamacpp also listens on a loopback HTTP port; nothing here uses it, so it gets a random
+        # key nobody holds (requests through it are 401; the in-process calls below need no key).
+        p.api_keys = [secrets.token_hex(32)]
         self._server = xllamacpp.Server(p)
         self._pool = ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="llamacpp")
         self._lock = threading.Lock()
