@@ -31,11 +31,15 @@ from tsubasa.config import DistillConfig
 from tsubasa.distill.prompts import PROMPT_VERSION, synth_messages
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine, SamplingParams
-from tsubasa.memory.evolve import dated
 from tsubasa.memory.retrieve import grounding_dated
 from tsubasa.schema import QAPair, stable_id
 
 log = logging.getLogger(__name__)
+
+
+def iso_dated(text: str, when: date | None) -> str:
+    """A fact for synthesis: `[2023-05-07] text` (the filters below parse the ISO date)."""
+    return f"[{when.isoformat()}] {text}" if when else text
 
 FILTER_VERSION = 2  # part of the cache key: bump when parsing or filters change
 _QA_RE = re.compile(r"Question\s*[:：]\s*(?P<q>.+?)\s*(?:\n|\s)+Answer\s*[:：]\s*(?P<a>[^\n]+)", re.I | re.S)
@@ -139,8 +143,9 @@ def corpus_facts(corpus: UserCorpus, min_words: int = 5) -> list[Fact]:
         facts = []
         for m in corpus.memories:
             sessions = [session_of[s] for s in m.source_ids if s in session_of]
-            facts.append(Fact(text=dated(m.text, m.event_date), memory_ids=[m.memory_id], source_ids=list(m.source_ids),
-                              session_id=sessions[0] if sessions else "", event_date=m.event_date))
+            facts.append(Fact(text=iso_dated(m.text, m.event_date), memory_ids=[m.memory_id],
+                              source_ids=list(m.source_ids), session_id=sessions[0] if sessions else "",
+                              event_date=m.event_date))
         return facts
     return [Fact(text=f"{t.speaker} ({t.session_date}): {t.text}", source_ids=[t.source_id], session_id=t.session_id)
             for t in corpus.turns if len(t.text.split()) >= min_words]

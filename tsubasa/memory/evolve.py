@@ -21,6 +21,7 @@ from tsubasa.config import MemoryConfig
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine, SamplingParams, msgs
 from tsubasa.memory import prompts
+from tsubasa.memory.dates import human_date
 from tsubasa.memory.store import MemoryStore
 from tsubasa.schema import EvolutionDecision, EvolutionOp, MemoryRecord, Observation, stable_id
 
@@ -31,7 +32,13 @@ _MEMORY = re.compile(r"^\s*(?:MEMORY|TEXT|MERGED|RECONCILED)\s*[:=]\s*(.*)$", re
 
 
 def dated(text: str, when) -> str:
-    return f"[{when.isoformat()}] {text}" if when else text
+    """A memory or observation as the manager LLM sees it; dates written as people write them, so
+    merged and reconciled texts carry "7 May 2023", not "2023-05-07"."""
+    return f"[{human_date(when)}] {text}" if when else text
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
 
 
 def parse_decision(raw: str, n_candidates: int) -> EvolutionDecision | None:
@@ -150,11 +157,16 @@ class MemoryManager:
             return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="unparseable")
         if d.op == EvolutionOp.RECONCILE and len(d.text.split()) < 4:
             old = cands[d.target - 1]  # type: ignore[operator]
-            d.text = (f"On {old.event_date or 'an earlier date'} {old.text.rstrip('.')}; "
-                      f"on {obs.event_date or 'a later date'} {obs.text}")
+            before = human_date(old.event_date) if old.event_date else "an earlier date"
+            after = human_date(obs.event_date) if obs.event_date else "a later date"
+            d.text = f"On {before} {old.text.rstrip('.')}; on {after} {obs.text}"
             d.reason = "narrative composed from both states"
         if d.op == EvolutionOp.UPDATE and len(d.text.split()) < 4:
             return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="UPDATE without text")
+        if d.target is not None and any(_norm(d.text) == _norm(m.text)
+                                        for j, m in enumerate(cands, 1) if j != d.target):
+            # the merged text already is another memory: two memories would say the same thing
+            return EvolutionDecision(op=EvolutionOp.IGNORE, reason=f"{d.op.value} text equals another memory")
         return d
 
     # ---- applying -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ Operations:
 ADD - the observation is new information.
 UPDATE <n> - it adds detail or recency to memory <n>; write the merged memory.
 RECONCILE <n> - the state in memory <n> has changed; write one dated narrative keeping both states,
-  e.g. "On 2023-05-08 X did Y; on 2023-06-01 X does Z".
+  e.g. "On 8 May 2023 X did Y; on 1 June 2023 X does Z".
 IGNORE - memory already says this.
 
 Answer in exactly this format:
