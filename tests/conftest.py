@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Tests use tiny-qwen3 and the SmolLM2 GGUF; the 1.1 GB default model must never be fetched by a test.
+os.environ.setdefault("TSUBASA_NO_MODEL_DOWNLOAD", "1")
 sys.path.insert(0, str(Path(__file__).parent / "support"))  # `from scripted import ScriptedEngine`
 
 LOCOMO = Path(os.environ.get("TSUBASA_LOCOMO", Path(__file__).resolve().parents[1] / "../shared/data/locomo10.json"))

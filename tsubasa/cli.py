@@ -22,11 +22,15 @@ app.command("serve")(serve.serve)
 
 
 def main() -> None:
+    from tsubasa.llm.base import EngineCapabilityError
+    from tsubasa.llm.gguf_parts import ModelHashError, ModelPartsMissingError
+    from tsubasa.llm.models import ModelNotFoundError
     from tsubasa.memory.milvus import StoreLockedError
 
     try:
         app()
-    except StoreLockedError as exc:  # an expected operational error: a message, not a traceback
+    except (StoreLockedError, ModelHashError, ModelPartsMissingError, ModelNotFoundError,
+            EngineCapabilityError) as exc:  # expected operational errors: a message, not a traceback
         from tsubasa.commands.common import err_console
 
         err_console.print(f"[red]error:[/red] {exc}")

@@ -172,6 +172,9 @@ class DistillConfig(BaseModel):
     synth_mode: Literal["llm", "template", "auto"] = "auto"
     """QA synthesis: `llm` (the model writes QA per fact), `template` (deterministic cloze QA from
     the facts, for random/tiny models), `auto` (llm, topped up with templates if too few survive)."""
+    synth_with_writer: bool = True
+    """Write the synthetic QA with the memory writer's LLM (`writer`: llama.cpp on a laptop, the
+    same weights as the teacher) instead of the teacher's engine."""
     synth_max_new_tokens: int = Field(64, ge=8, le=1024)
     max_question_words: int = Field(30, ge=3, le=200)
     max_answer_words: int = Field(12, ge=1, le=200)

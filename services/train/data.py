@@ -33,7 +33,10 @@ class UserDatasetBuilder:
         log.setLevel(logging.INFO)
         self.settings = settings
         self.d = d
+        from tsubasa.distill.pipeline import synth_engine_for
+
         self.engine = load_engine(settings.model)
+        self.synth_engine = synth_engine_for(settings, self.engine)
         self.embedder = load_embedder(settings.embedder)
         self.cache = JsonCache(f"{settings.distill_dir}/cache")
 
@@ -48,7 +51,7 @@ class UserDatasetBuilder:
                 t0 = time.monotonic()
                 ds = prepare_dataset(self.engine, self.embedder, corpus, self.settings.distill, self.d, self.cache,
                                      batch_size=self.settings.model.batch_size,
-                                     progress=_progress_logger(out["key"][-1]))
+                                     progress=_progress_logger(out["key"][-1]), synth_engine=self.synth_engine)
                 log.info("%s: dataset ready, %d QA with teacher targets in %.0f s", out["key"][-1], len(ds.items),
                          time.monotonic() - t0)
                 out["dataset"].append(ds.model_dump_json())

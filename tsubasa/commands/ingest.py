@@ -18,7 +18,8 @@ def locomo(
     tenant: str = typer.Option("demo", "--tenant", "-t", help="Tenant to ingest as."),
     user: str | None = typer.Option(None, "--user", "-u", help="User id (default: the conversation id)."),
     mode: str | None = typer.Option(None, help="evolving | static (default: memory.mode)."),
-    model: str | None = typer.Option(None, "--model", "-m", help="LLM (default: model.name)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="LLM (default: model.name); the writer uses it "
+                                     "through llama.cpp where it has a GGUF (writer.engine=auto)."),
     data: Path | None = typer.Option(None, help="locomo10.json (default: ../shared/data/)."),
     config: Path | None = ConfigOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -29,6 +30,7 @@ def locomo(
     setup_logging(verbose)
     from tsubasa.commands.memory import print_counts
     from tsubasa.eval.locomo import LocomoNotFoundError, load_locomo, parse_range, session_events
+    from tsubasa.llm import writer_model
     from tsubasa.memory.runtime import MemorySystem
     from tsubasa.schema import InvalidIdentifierError, validate_identifier
 
@@ -45,6 +47,8 @@ def locomo(
         if not convs:
             fail(f"--conversation: no LoCoMo conversation {conversation!r}")
     system = MemorySystem(settings)
+    w = writer_model(settings.model, settings.writer)
+    console.print(f"writer: {w.name} on the {w.engine} engine")
     scope = [(c, user or c.sample_id) for c in convs]
     before = {k: v for k, v in system.store.counts(tenant).items() if k[1] in {u for _, u in scope}}
     print_counts(before, "before")
@@ -65,6 +69,10 @@ def locomo(
             for r in results:
                 totals["observations"] += r.observations if not r.skipped else 0
                 totals["skipped"] += int(r.skipped)
+                ops = ", ".join(f"{op} {n}" for op, n in sorted(r.ops.items())) or "none"
+                bar.console.print(f"{conv.sample_id} {sess.session_id}: " + (
+                    "already processed" if r.skipped else f"{r.observations} observations; operations: {ops}"
+                    + (f" ({r.fallbacks} fallback ADDs)" if r.fallbacks else "")))
             bar.advance(task)
     after = {k: v for k, v in system.store.counts(tenant).items() if k[1] in {u for _, u in scope}}
     print_counts(after, "after")

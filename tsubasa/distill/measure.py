@@ -17,7 +17,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
                         progress: Callable[[str, int, int], None] | None = None, engine: Any = None,
                         embedder: Any = None, store: Any = None) -> dict[str, Any]:
     from tsubasa.distill.internalise import Condition, measure, teacher_reference
-    from tsubasa.distill.pipeline import prepare_dataset
+    from tsubasa.distill.pipeline import prepare_dataset, synth_engine_for
     from tsubasa.distill.synth import JsonCache, UserCorpus
     from tsubasa.distill.train import LoraStudent, TrainSpec, train_user
     from tsubasa.embed import load_embedder
@@ -34,7 +34,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     cache = JsonCache(f"{settings.distill_dir}/cache")
     d_max = max([*d_values, cfg.top_d])
     ds = prepare_dataset(engine, embedder, corpus, cfg, d_max, cache, batch_size=settings.model.batch_size,
-                         progress=progress)
+                         progress=progress, synth_engine=synth_engine_for(settings, engine))
     specs = [TrainSpec.from_config(cfg, "tsubasa", d) for d in d_values]
     specs.append(TrainSpec.from_config(cfg, "no_grounding", cfg.top_d))
     out_root = Path(settings.distill_dir) / "internalise" / tenant_id / user_id

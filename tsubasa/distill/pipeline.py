@@ -34,15 +34,17 @@ def teacher_d(cfg: DistillConfig, spec: TrainSpec | None = None) -> int:
 
 def prepare_dataset(engine: Engine, embedder: Embedder, corpus: UserCorpus, cfg: DistillConfig, d: int,
                     cache: JsonCache | None = None, batch_size: int = 8,
-                    progress: Progress | None = None) -> UserDataset:
-    """QA synthesis + teacher targets for one user, each step served from `cache` when it has it."""
-    qkey = synth_cache_key(corpus, engine.model_name, cfg, cfg.qa_per_user)
+                    progress: Progress | None = None, synth_engine: Engine | None = None) -> UserDataset:
+    """QA synthesis + teacher targets for one user, each step served from `cache` when it has it.
+    `engine` is the teacher; `synth_engine` (default: the teacher) writes the QA."""
+    synth_engine = synth_engine or engine
+    qkey = synth_cache_key(corpus, synth_engine.model_name, cfg, cfg.qa_per_user)
     doc = cache.get("qa", corpus.tenant_id, corpus.user_id, qkey) if cache else None
     if doc is not None:
         qas = [QAPair.model_validate(q) for q in doc["qa"]]
         synth_stats = doc.get("stats", {})
     else:
-        synth = QASynthesizer(engine, cfg, embedder, batch_size=batch_size)
+        synth = QASynthesizer(synth_engine, cfg, embedder, batch_size=batch_size)
         qas, st = synth.synthesize(corpus, on_progress=(lambda a, b: progress("synth", a, b)) if progress else None)
         synth_stats = st.model_dump()
         if cache:
@@ -141,6 +143,7 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
     spec = spec or TrainSpec.from_config(cfg)
     registry = registry or registry_for(settings, spec)
     engine = engine or load_engine(settings.model)
+    synth_engine = synth_engine_for(settings, engine)
     embedder = embedder or load_embedder(settings.embedder)
     store = store or MilvusStore(settings.milvus, uri=settings.milvus_uri)
     cache = JsonCache(f"{settings.distill_dir}/cache")
@@ -158,13 +161,24 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
             results.append(UserResult(tenant_id=tenant_id, user_id=user_id, skipped="no turns or memories"))
             continue
         dataset = prepare_dataset(engine, embedder, corpus, cfg, teacher_d(cfg, spec), cache,
-                                  batch_size=settings.model.batch_size, progress=cb)
+                                  batch_size=settings.model.batch_size, progress=cb, synth_engine=synth_engine)
         if student is None:
             student = LoraStudent(settings.model, cfg)
         v = train_and_publish(student, dataset, spec, cfg, registry, progress=cb)
         results.append(UserResult(tenant_id=tenant_id, user_id=user_id, version=v.version, adapter=v.name,
                                   metrics=v.manifest.metrics, stats=dataset.stats))
     return results
+
+
+def synth_engine_for(settings: Settings, teacher: Engine) -> Engine:
+    """The QA writer: the memory writer's LLM when `distill.synth_with_writer` (llama.cpp on a laptop:
+    same weights, generation only, several times faster than transformers there), else the teacher."""
+    from tsubasa.llm import load_engine, writer_model
+
+    w = writer_model(settings.model, settings.writer)
+    if not settings.distill.synth_with_writer or (w.engine, w.name) == (settings.model.engine, settings.model.name):
+        return teacher
+    return load_engine(w)
 
 
 def registry_for(settings: Settings, spec: TrainSpec) -> AdapterRegistry:
