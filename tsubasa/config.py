@@ -139,6 +139,10 @@ class MemoryConfig(BaseModel):
     """Speakers whose observations are kept; empty = every speaker except `assistant`."""
     attribution_min_similarity: float = Field(0.35, ge=-1.0, le=1.0)
     """Provenance fallback: turns at least this similar to an uncited observation are its sources."""
+    guards: bool = True
+    """Check what the writer produces (memory/guards.py: subject, support, copies, repeats, speaker;
+    evolve.merge_problem: a merge keeps both texts and adds nothing). Off accepts every parsed line
+    and merge, for writers trusted to be faithful."""
     speaker_margin: float = Field(0.1, ge=0.0, le=2.0)
     """Speaker check: an observation more similar (by this margin) to another speaker's turns than to
     its own speaker's is dropped as misattributed."""

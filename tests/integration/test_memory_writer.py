@@ -25,7 +25,7 @@ def session(tenant, user, sid, day, lines):
 
 
 def is_extraction(prompt) -> bool:
-    return "observations about" in prompt[-1].content or "List facts about" in prompt[-1].content
+    return any(k in prompt[-1].content for k in ("this conversation tells about", "List facts about"))
 
 
 class Replies:
@@ -45,7 +45,9 @@ class Replies:
 
 
 def forced_llm_cfg(**kw):
-    # Route every observation with a neighbour to the LLM (no similarity shortcuts).
+    # Route every observation with a neighbour to the LLM (no similarity shortcuts). These tests are
+    # about evolution mechanics with scripted replies; the guards have their own tests below.
+    kw.setdefault("guards", False)
     return MemoryConfig(add_below_similarity=-1.0, ignore_above_similarity=0.999, **kw)
 
 
@@ -86,7 +88,7 @@ SEED = "- [2023-05-01] Caroline lives in Boston with her partner and two cats. (
 
 def seeded(store, embedder, cfg):
     """A user whose memory already holds one fact, so later observations go to the LLM."""
-    w = MemoryWriter(store, embedder, ScriptedEngine(Replies({"Session date": SEED}, [])), cfg)
+    w = MemoryWriter(store, embedder, ScriptedEngine(Replies({"Conversation between": SEED}, [])), cfg)
     w.ingest(session("acme", "caro", "s0", -7, ["I live in Boston with my partner and our cats."]))
 
 
@@ -97,7 +99,7 @@ def test_malformed_decisions_never_lose_an_observation(store, embedder):
          "joined a pottery class downtown", "visited her grandmother in Ohio", "started learning the violin",
          "signed up for a counseling course", "bought a used camper van"])]
     extraction = "\n".join(f"- [2023-05-08] {f} (turns: s1:0)" for f in facts)
-    replies = Replies({"Session date": extraction}, list(BAD_DECISIONS))
+    replies = Replies({"Conversation between": extraction}, list(BAD_DECISIONS))
     w = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg())
     _, results = w.ingest(session("acme", "caro", "s1", 0, ["Lots happened lately, let me tell you."]))
     mems = store.list_memories("acme", "caro")
@@ -111,7 +113,7 @@ def test_two_decisions_on_one_memory_in_a_batch_are_applied_in_order(store, embe
     seeded(store, embedder, forced_llm_cfg())
     extraction = ("- [2023-05-08] Caroline adopted a third cat named Pixel. (turns: s1:0)\n"
                   "- [2023-05-08] Caroline moved from Boston to Denver with her partner. (turns: s1:1)")
-    replies = Replies({"Session date": extraction}, [
+    replies = Replies({"Conversation between": extraction}, [
         "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner and three cats.",
         "OPERATION: RECONCILE 1\nMEMORY: stale text based on the old version of memory one",
         # asked again after the UPDATE changed memory 1:
@@ -126,7 +128,7 @@ def test_two_decisions_on_one_memory_in_a_batch_are_applied_in_order(store, embe
         EvolutionOp.ADD, EvolutionOp.UPDATE, EvolutionOp.RECONCILE]
 
 def test_replay_is_a_no_op_and_never_asks_the_llm_again(store, embedder):
-    replies = Replies({"Session date": "- [2023-05-08] Caroline joined a choir in Boston. (turns: s1:0)"}, [])
+    replies = Replies({"Conversation between": "- [2023-05-08] Caroline joined a choir in Boston. (turns: s1:0)"}, [])
     w = MemoryWriter(store, embedder, ScriptedEngine(replies), MemoryConfig())
     evs = session("acme", "caro", "s1", 0, ["I joined a choir!"])
     w.ingest(evs)
@@ -152,7 +154,7 @@ def test_crash_mid_evolution_resumes_without_reasking(store, embedder):
     seeded(store, embedder, forced_llm_cfg())
     facts = ["Caroline adopted a dog named Max.", "Caroline started pottery classes.", "Caroline bought a camper."]
     extraction = "\n".join(f"- [2023-05-08] {f} (turns: s1:0)" for f in facts)
-    replies = Replies({"Session date": extraction}, [
+    replies = Replies({"Conversation between": extraction}, [
         "OPERATION: ADD\nMEMORY:",
         "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner, two cats and a pottery wheel.",
         "OPERATION: ADD\nMEMORY:"])
@@ -175,8 +177,8 @@ def test_crash_mid_evolution_resumes_without_reasking(store, embedder):
 
 def test_static_mode_appends_every_observation(store, embedder):
     facts = ["Caroline joined a choir in Boston.", "Caroline joined the Boston choir."]
-    replies = Replies({"Session date": "\n".join(f"- [2023-05-08] {f}" for f in facts)}, [])
-    w = MemoryWriter(store, embedder, ScriptedEngine(replies), MemoryConfig(mode="static"))
+    replies = Replies({"Conversation between": "\n".join(f"- [2023-05-08] {f}" for f in facts)}, [])
+    w = MemoryWriter(store, embedder, ScriptedEngine(replies), MemoryConfig(mode="static", guards=False))
     w.ingest(session("acme", "caro", "s1", 0, ["I joined a choir in Boston!"]))
     assert len(store.list_memories("acme", "caro")) == 2 and replies.n_decide == 0
     obs = store.list_observations("acme", "caro")
@@ -189,3 +191,24 @@ def test_tiny_qwen3_end_to_end(store, embedder, tiny_engine):
     appended, results = w.ingest(session("acme", "caro", "s1", 0, ["I adopted a dog.", "His name is Max."]))
     assert appended.new_turns == 2 and results[0].observations >= 0
     assert store.session_state("acme", "caro", "s1").state == "done"
+
+
+def test_guards_refuse_unsupported_lines_and_merges_that_splice_or_drop(store, embedder):
+    seeded(store, embedder, forced_llm_cfg())
+    extraction = ("- Caroline adopted a third cat named Pixel.\n"
+                  "- Caroline won the lottery in Paris and bought a castle.\n"  # nothing in the turns says so
+                  "- Caroline took Pixel to the vet in Boston.")
+    replies = Replies({"Conversation between": extraction}, [
+        # drops the observation: the new cat and its name are gone
+        "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner and her cats.",
+        # splices in what neither text says
+        "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner, two cats and Pixel; "
+        "Melanie paints sunsets at the lake every weekend."])
+    w = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg(guards=True))
+    _, results = w.ingest(session("acme", "caro", "s1", 0, ["We adopted a third cat, her name is Pixel!",
+                                                            "Took Pixel to the vet in Boston today."]))
+    texts = {m.text for m in store.list_memories("acme", "caro")}
+    assert not any("lottery" in t for t in texts)  # the invented line never became a memory
+    assert {"Caroline adopted a third cat named Pixel.", "Caroline took Pixel to the vet in Boston."} <= texts
+    assert "Caroline lives in Boston with her partner and two cats." in texts  # nothing destroyed
+    assert results[0].fallbacks == 2 and replies.n_decide == 2

@@ -22,6 +22,7 @@ from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine, SamplingParams, msgs
 from tsubasa.memory import prompts
 from tsubasa.memory.dates import human_date
+from tsubasa.memory.guards import content_words
 from tsubasa.memory.store import MemoryStore
 from tsubasa.schema import EvolutionDecision, EvolutionOp, MemoryRecord, Observation, stable_id
 
@@ -39,6 +40,27 @@ def dated(text: str, when) -> str:
 
 def _norm(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+_DATES = re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November|"
+                    r"December) \d{4}\b|\b\d{4}-\d{2}-\d{2}\b|\b(?:19|20)\d{2}\b")
+_DATE_TAG = re.compile(r"\[(?:\d{1,2} [A-Z][a-z]+ \d{4}|\d{4}-\d{2}-\d{2})\]\s*")
+
+
+def merge_problem(merged: str, old: str, new: str, keep: float = 0.5, support: float = 0.8) -> str | None:
+    """Why an UPDATE/RECONCILE text is unusable, or None. It must keep most of the old memory
+    (nothing destroyed), carry most of the observation (nothing ignored) and add nothing that is in
+    neither (a small manager invents or splices in other memories)."""
+    m, o, n = (content_words(_DATES.sub(" ", t)) for t in (merged, old, new))
+    if not m:
+        return "empty merge"
+    if o and len(m & o) / len(o) < keep:
+        return "drops the old memory"
+    if n and len(m & n) / len(n) < keep:
+        return "drops the observation"
+    if len(m & (o | n)) / len(m) < support:
+        return "adds what neither says"
+    return None
 
 
 def parse_decision(raw: str, n_candidates: int) -> EvolutionDecision | None:
@@ -105,7 +127,14 @@ class MemoryManager:
 
     # ---- deciding -----------------------------------------------------------------------------
     def candidates(self, obs: Observation, vector: np.ndarray) -> list[MemoryRecord]:
-        return self.store.search_memories(obs.tenant_id, obs.user_id, vector, self.cfg.evolve_candidates)
+        """The nearest memories the manager may change. When the observation names its speaker, only
+        memories naming that speaker: a conversation's user holds memories about several people, and
+        a 1.5B manager merged one person's fact into another's memory (measured on LoCoMo conv-26)."""
+        cands = self.store.search_memories(obs.tenant_id, obs.user_id, vector, self.cfg.evolve_candidates)
+        name = obs.speaker.split()[0].lower() if obs.speaker.strip() else ""
+        if name and re.search(rf"\b{re.escape(name)}\b", obs.text.lower()):
+            cands = [m for m in cands if re.search(rf"\b{re.escape(name)}\b", m.text.lower())]
+        return cands
 
     def _shortcut(self, cands: Sequence[MemoryRecord]) -> EvolutionDecision | None:
         """Decisions that need no LLM: static mode, empty memory, clearly new or clearly known."""
@@ -163,6 +192,10 @@ class MemoryManager:
             d.reason = "narrative composed from both states"
         if d.op == EvolutionOp.UPDATE and len(d.text.split()) < 4:
             return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="UPDATE without text")
+        if d.target is not None:
+            d.text = _DATE_TAG.sub("", d.text).strip()
+            if self.cfg.guards and (why := merge_problem(d.text, cands[d.target - 1].text, obs.text)) is not None:
+                return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason=f"{d.op.value}: {why}")
         if d.target is not None and any(_norm(d.text) == _norm(m.text)
                                         for j, m in enumerate(cands, 1) if j != d.target):
             # the merged text already is another memory: two memories would say the same thing

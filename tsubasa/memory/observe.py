@@ -244,7 +244,7 @@ class ObservationExtractor:
         parsed: list[ParsedObservation] = []
         seen: set[str] = set()
         for speaker, reply in zip(speakers, replies, strict=True):
-            guard = None if self.compact else ObservationGuard(turns, speaker)
+            guard = None if self.compact or not self.cfg.guards else ObservationGuard(turns, speaker)
             for p in parse_observations(reply.text, known, report_date, speaker,
                                         self.cfg.max_observations_per_session, stats, all_speakers, seen, guard):
                 p.speaker = p.speaker or speaker
@@ -274,7 +274,7 @@ class ObservationExtractor:
         kept = []
         for p, row in zip(parsed, sims, strict=True):
             own = np.array([t.speaker == p.speaker for t in turns])
-            if not self.compact and own.any() and (~own).any() \
+            if not self.compact and self.cfg.guards and own.any() and (~own).any() \
                     and row[~own].max() > row[own].max() + self.cfg.speaker_margin:
                 stats.dropped["other_speakers_turns"] += 1
                 continue

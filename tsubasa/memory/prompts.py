@@ -33,11 +33,12 @@ DECIDE_USER = """Existing memories:
 New observation: {observation}
 
 Operations:
-ADD - the observation is new information.
-UPDATE <n> - it adds detail or recency to memory <n>; write the merged memory.
+ADD - the observation is new information: a different event, thing or person than every memory.
+UPDATE <n> - it is about the same event or fact as memory <n> and adds detail or recency; write
+  memory <n> with the new detail merged in.
 RECONCILE <n> - the state in memory <n> has changed; write one dated narrative keeping both states,
   e.g. "On 8 May 2023 X did Y; on 1 June 2023 X does Z".
-IGNORE - memory already says this.
+IGNORE - memory <n> already says this.
 
 Answer in exactly this format:
 OPERATION: <ADD | UPDATE n | RECONCILE n | IGNORE>
