@@ -55,6 +55,39 @@ def test_two_tenants_with_the_same_user_id_never_see_each_other(store, embedder)
     assert store.counts() == {("globex", "u1"): {"turns": 1, "observations": 0, "memories": 1, "history": 1}}
 
 
+def test_hybrid_search_finds_rare_words_and_keeps_tenants_apart(store, embedder):
+    texts = ["Ann is researching adoption agencies for her future family.", "Ann loves painting sunsets.",
+             "Ann went camping with her kids.", "Ann ran a charity race for mental health."]
+    for tenant in ("acme", "globex"):
+        turns = _turns(tenant, "u1", [f"{tenant}: {t}" for t in texts])
+        store.upsert_turns(turns, embedder.embed([t.text for t in turns]))
+        for i, t in enumerate(texts):
+            store.write_memory(_mem(tenant, "u1", f"m-{tenant}-{i}", f"{tenant}: {t}"), embedder.embed([t])[0],
+                               EvolutionOp.ADD, f"o-{tenant}-{i}")
+    assert store.bm25 == {"turns": True, "observations": True, "memories": True, "history": False,
+                          "sessions": False}
+    q = "adoption agencies"
+    vec = embedder.embed([q])[0]
+    for tenant in ("acme", "globex"):
+        mems = store.search_memories(tenant, "u1", vec, 4, text=q)
+        assert "adoption agencies" in mems[0].text and all(m.tenant_id == tenant for m in mems)
+        turns = store.search_turns(tenant, "u1", vec, 4, text=q)
+        assert all(t.tenant_id == tenant and t.text.startswith(tenant) for t, _ in turns)
+    dense = store.search_memories("acme", "u1", vec, 4)  # no text: dense cosine scores
+    assert all(0.0 < (m.score or 0) <= 1.0 for m in dense)
+
+
+def test_retriever_modes(store, embedder):
+    from tsubasa.memory.retrieve import Retriever
+
+    texts = ["Ann is researching adoption agencies.", "Ann loves painting sunsets by the lake."]
+    for i, t in enumerate(texts):
+        store.write_memory(_mem("acme", "u1", f"m{i}", t), embedder.embed([t])[0], EvolutionOp.ADD, f"o{i}")
+    for mode in ("dense", "hybrid"):
+        g = Retriever(store, embedder, mode=mode).retrieve("acme", "u1", "Which agencies is Ann looking at?", k=1)
+        assert [it.id for it in g.items] == ["m0"] and g.tokens > 0
+
+
 def test_versions_are_kept(store, embedder):
     vec = embedder.embed(["x"])[0]
     store.write_memory(_mem("acme", "u1", "m1", "Ann lives in Boston."), vec, EvolutionOp.ADD, "o1")
