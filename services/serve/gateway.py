@@ -56,13 +56,12 @@ def _tenant(request: Request, authorization: str | None, x_api_key: str | None) 
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
     tenant = _tenant(request, authorization, x_api_key)
-    svc = _svc(request)
-    resp, gen = await svc.chat(tenant, body)
+    chat = await _svc(request).chat(tenant, body)  # errors are raised here, before the first byte
     if not body.stream:
-        return resp
+        return await chat.complete()
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return StreamingResponse(svc.stream_events(resp, gen, include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(chat.sse(include_usage), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/v1/models", response_model=ModelList)
