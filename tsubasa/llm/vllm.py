@@ -51,6 +51,20 @@ MAX_LORAS_PER_BATCH = 8
 _END = object()
 
 
+def stale_gguf_quantization(path: str) -> bool:
+    """A model provisioned from a GGUF (smollm2-135m-instruct) is saved as plain float safetensors,
+    but its config.json still names the GGUF quantization, which vLLM refuses; override it away."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    q = cfg.get("quantization_config") or {}
+    return q.get("quant_method") == "gguf" and not any(Path(path).glob("*.gguf"))
+
+
 class VLLMEngine(ChatTokenizerMixin):
     """vLLM `AsyncLLM` with LoRA enabled; adapters are registered by name and loaded eagerly."""
 
@@ -87,6 +101,8 @@ class VLLMEngine(ChatTokenizerMixin):
             "enforce_eager": not on_gpu,  # no CUDA graphs / torch.compile warm-up on the CPU
             "disable_log_stats": True,
         }
+        if stale_gguf_quantization(self.path):
+            kwargs["hf_overrides"] = {"quantization_config": None}
         if lora:
             kwargs.update(max_loras=min(MAX_LORAS_PER_BATCH, cfg.max_loaded_adapters),
                           max_cpu_loras=max(cfg.max_loaded_adapters, MAX_LORAS_PER_BATCH),
