@@ -81,7 +81,7 @@ async def one_stream(client, body: dict) -> dict:
                     text.append(piece)
     n = (usage or {}).get("completion_tokens", 0)
     out = {"status": 200, "ttft_s": (first or time.perf_counter()) - t0, "total_s": time.perf_counter() - t0,
-           "tokens": n, "chunks": chunks, "text": "".join(text)}
+           "tokens": n, "prompt_tokens": (usage or {}).get("prompt_tokens"), "chunks": chunks, "text": "".join(text)}
     out["itl_s"] = (last - first) / (n - 1) if first and last and n > 1 else None
     return out
 
@@ -115,6 +115,7 @@ def summarise(runs: list[dict]) -> dict:
             "ttft_ms_p50": round(1000 * pct([r["ttft_s"] for r in ok], 50), 1),
             "ttft_ms_p95": round(1000 * pct([r["ttft_s"] for r in ok], 95), 1),
             "itl_ms_p50": round(1000 * pct([r["itl_s"] for r in ok if r["itl_s"]], 50), 2),
+            "prompt_tokens_mean": round(sum(r["prompt_tokens"] or 0 for r in ok) / max(len(ok), 1), 1),
             "errors": [r.get("error") for r in rs if r.get("status") != 200][:3]}
 
 
