@@ -35,6 +35,7 @@ from services.serve.protocol import (
     UserStatus,
 )
 from services.serve.serving import GatewayService
+from services.serve.streaming import ChatStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -60,8 +61,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if not body.stream:
         return await chat.complete()
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return StreamingResponse(chat.sse(include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return ReleasingStream(chat, chat.sse(include_usage), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ReleasingStream(StreamingResponse):
+    """A streamed chat answer that always releases its generation, even when the client goes away
+    before the first chunk (the body generator then never starts, so its own cleanup never runs)."""
+
+    def __init__(self, chat: ChatStream, content: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.chat.aclose()
 
 
 @router.get("/v1/models", response_model=ModelList)

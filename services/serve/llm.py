@@ -272,7 +272,9 @@ class LLMServerCore:
 
     @property
     def healthy(self) -> bool:
-        return self.batcher is None or self.batcher.healthy
+        if self.batcher is not None:
+            return self.batcher.healthy
+        return bool(getattr(self.engine, "healthy", True))
 
     def resolve_path(self, name: str) -> str:
         """Local directory of adapter version `name` (downloaded once from a remote registry)."""
@@ -379,4 +381,4 @@ class LLMServer:
 
     def check_health(self) -> None:
         if not self.core.healthy:
-            raise RuntimeError("the batching loop died")
+            raise RuntimeError("the engine died (vLLM engine core, or the hf batching loop)")

@@ -109,6 +109,10 @@ class ChatStream:
         finally:
             await self._exit.aclose()
 
+    async def aclose(self) -> None:
+        """Release the admission slot and abort the generation if still running (idempotent)."""
+        await self._exit.aclose()
+
     def finish(self, gen: Generation) -> ChatCompletionResponse:
         metrics.COMPLETION_TOKENS.labels(self.tenant).inc(gen.completion_tokens)
         mem = self.head.tsubasa.memory_tokens if self.head.tsubasa else 0

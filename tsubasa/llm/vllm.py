@@ -129,6 +129,11 @@ class VLLMEngine(ChatTokenizerMixin):
         """Run `coro` on the engine loop and wait for it (from any thread but the engine's)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    @property
+    def healthy(self) -> bool:
+        """False once vLLM's engine core has died (the replica's health check reports it)."""
+        return not self.llm.errored
+
     def shutdown(self) -> None:
         self.llm.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
