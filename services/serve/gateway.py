@@ -35,6 +35,7 @@ from services.serve.protocol import (
     UserStatus,
 )
 from services.serve.serving import GatewayService
+from services.serve.streaming import ChatStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -56,13 +57,27 @@ def _tenant(request: Request, authorization: str | None, x_api_key: str | None) 
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
     tenant = _tenant(request, authorization, x_api_key)
-    svc = _svc(request)
-    resp, gen = await svc.chat(tenant, body)
+    chat = await _svc(request).chat(tenant, body)  # errors are raised here, before the first byte
     if not body.stream:
-        return resp
+        return await chat.complete()
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    return StreamingResponse(svc.stream_events(resp, gen, include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return ReleasingStream(chat, chat.sse(include_usage), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ReleasingStream(StreamingResponse):
+    """A streamed chat answer that always releases its generation, even when the client goes away
+    before the first chunk (the body generator then never starts, so its own cleanup never runs)."""
+
+    def __init__(self, chat: ChatStream, content: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.chat.aclose()
 
 
 @router.get("/v1/models", response_model=ModelList)

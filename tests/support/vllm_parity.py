@@ -36,6 +36,7 @@ def main(spec_path: str, out_path: str) -> None:
                            adapters=[a for _, a in cases])
     engine.unload_adapter(next(iter(spec["adapters"])))
     loaded_after_unload = engine.loaded_adapters()
+    engine.shutdown()  # its engine-core processes go before the scorer's start
     del engine
     gc.collect()
     # Scoring is the frozen teacher's job: a base-model engine without LoRA layers (see VLLMEngine).

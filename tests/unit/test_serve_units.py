@@ -1,5 +1,5 @@
 """Serving pieces that need no Ray: key parsing and lookup, adapter pinning against LRU eviction,
-mixed-adapter batching, per-token stream deltas, the grounded prompt."""
+mixed-adapter batching with per-step streaming, incremental stream deltas, the grounded prompt."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import asyncio
 import pytest
 
 from services.serve.auth import APIKeyAuth, AuthError, hash_key, parse_key_spec
-from services.serve.llm import AdapterPool, GenerateRequest, LoadedAdapter, MixedBatcher, run_mixed
-from services.serve.serving import build_messages, token_deltas
+from services.serve.llm import AdapterPool, LoadedAdapter, MixedBatcher
+from services.serve.serving import build_messages
+from services.serve.streaming import TextDeltas
 from tsubasa.llm.base import ChatMessage, Generation, SamplingParams
 from tsubasa.memory.retrieve import Grounding, GroundingItem
 
@@ -46,13 +47,17 @@ class _Engine:
     def loaded_adapters(self):
         return list(self.loaded)
 
-    def generate(self, prompts, params=None, adapters=None):
+    def generate(self, prompts, params=None, adapters=None, on_tokens=None):
         adapters = list(adapters or [None] * len(prompts))
         self.calls.append(adapters)
         for a in adapters:
             assert a is None or a in self.loaded, f"{a} used after unload"
-        return [Generation(text=str(a), token_ids=[], prompt_tokens=1, completion_tokens=0, finish_reason="stop",
-                           adapter=a) for a in adapters]
+        for step in range(2):  # two generation steps, one token per row each
+            for i in range(len(prompts)):
+                if on_tokens is not None:
+                    on_tokens(i, [10 * i + step])
+        return [Generation(text=str(a), token_ids=[10 * i, 10 * i + 1], prompt_tokens=1, completion_tokens=2,
+                           finish_reason="stop", adapter=a) for i, a in enumerate(adapters)]
 
 
 def test_pool_defers_eviction_while_a_request_holds_the_adapter():
@@ -83,27 +88,38 @@ def test_batcher_mixes_adapters_in_one_engine_call():
     pool = AdapterPool(eng)
     for name in ("a", "b"):
         pool.load(name, f"/{name}")
-    batcher = MixedBatcher(lambda reqs: run_mixed(eng, reqs), max_batch=8, wait_s=0.05)
+    batcher = MixedBatcher(eng, max_batch=8, wait_s=0.05)
     msgs = [ChatMessage(role="user", content="q")]
 
+    async def collect(adapter):
+        return [step async for step in batcher.stream(msgs, SamplingParams(), adapter)]
+
     async def go():
-        reqs = [GenerateRequest(messages=msgs, params=SamplingParams(), adapter=a) for a in ("a", None, "b", "a")]
-        return await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        return await asyncio.gather(*(collect(a) for a in ("a", None, "b", "a")))
 
-    gens = asyncio.run(go())
-    assert [g.text for g in gens] == ["a", "None", "b", "a"]
+    streams = asyncio.run(go())
+    assert [s[-1].final.text for s in streams] == ["a", "None", "b", "a"]
     assert eng.calls == [["a", None, "b", "a"]]  # one call, four rows, three adapters
+    # Each request got its own tokens step by step, then the final step.
+    for i, steps in enumerate(streams):
+        assert [st.token_ids for st in steps[:-1]] == [[10 * i], [10 * i + 1]] and steps[-1].token_ids == []
 
 
-def test_token_deltas_concatenate_to_the_answer():
-    pieces = {1: " Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!  "}
+def test_text_deltas_arrive_per_step_and_concatenate_to_the_answer():
+    pieces = {1: " Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!  ", 6: "\ufffd", 7: "STOP", 8: " more"}
 
     def decode(ids):
-        return "".join(pieces[i] for i in ids)
+        return "".join(pieces[i] for i in ids).replace("\ufffd!", "\u00e9!")
 
-    out = list(token_deltas([1, 2, 3, 4, 5], "Hello world!", decode))
-    assert "".join(out) == "Hello world!" and len(out) >= 4
-    assert "".join(token_deltas([1, 2, 3], "Hello", decode)) == "Hello"  # cut by a stop string
+    d = TextDeltas(decode, [])
+    out = [d.push([i]) for i in (1, 2, 3, 4, 5)]
+    assert out == ["Hel", "lo", " wor", "ld", "!"]  # trailing spaces are held back: the answer is stripped
+    assert d.finish("Hello world!") == ""
+    d = TextDeltas(decode, ["STOP"])  # a stop string: held back while it may be starting, cut when seen
+    out = [d.push([i]) for i in (1, 2, 7, 8)]
+    assert "STOP" not in "".join(out) and "".join(out) + d.finish("Hello") == "Hello"
+    d = TextDeltas(decode, [])
+    assert d.push([1]) == "Hel" and d.push([6]) == "" and d.push([5]) == "\u00e9!"  # incomplete character
 
 
 def test_grounded_prompt_is_the_student_prompt_plus_client_context():

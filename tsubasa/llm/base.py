@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -42,6 +42,14 @@ class Generation(BaseModel):
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
     adapter: str | None = None
+
+
+class GenerationStep(BaseModel):
+    """One step of a streamed generation: the token ids generated since the previous step (EOS
+    excluded); the last step also carries the finished Generation (text cut at EOS and stop strings)."""
+
+    token_ids: list[int] = Field(default_factory=list)
+    final: Generation | None = None
 
 
 @dataclass
@@ -105,6 +113,16 @@ class Engine(Protocol):
     def unload_adapter(self, name: str) -> None: ...
 
     def loaded_adapters(self) -> list[str]: ...
+
+
+@runtime_checkable
+class StreamingEngine(Protocol):
+    """An engine that schedules each request on arrival, joining the running batch at the next step
+    (continuous batching), and yields its tokens as they are generated: VLLMEngine on vLLM's AsyncLLM.
+    Closing the iterator early aborts the request."""
+
+    def stream(self, messages: Messages, params: SamplingParams,
+               adapter: str | None = None) -> AsyncIterator[GenerationStep]: ...
 
 
 class ChatTokenizerMixin:

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -112,7 +112,10 @@ class HFEngine(ChatTokenizerMixin):
         prompts: Sequence[Messages],
         params: SamplingParams | None = None,
         adapters: Sequence[str | None] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[Generation]:
+        """Batched chat generation; `on_tokens(i, ids)`, when given, receives prompt i's new token
+        ids after every generation step (EOS excluded), so callers can stream them."""
         params = params or SamplingParams()
         reject_json_schema(params, "hf")
         encoded = [self.prompt_ids(p) for p in prompts]
@@ -122,13 +125,14 @@ class HFEngine(ChatTokenizerMixin):
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             sub_adapters = None if adapters is None else [adapters[i] for i in idx]
-            for i, gen in zip(idx, self._generate_batch([encoded[i] for i in idx], params, sub_adapters),
+            streamer = None if on_tokens is None else _RowStreamer(idx, on_tokens, set(self.eos_ids))
+            for i, gen in zip(idx, self._generate_batch([encoded[i] for i in idx], params, sub_adapters, streamer),
                               strict=True):
                 out[i] = gen
         return [g for g in out if g is not None]
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams,
-                        adapters: Sequence[str | None] | None) -> list[Generation]:
+                        adapters: Sequence[str | None] | None, streamer: Any = None) -> list[Generation]:
         import torch
 
         with self._lock:
@@ -148,6 +152,8 @@ class HFEngine(ChatTokenizerMixin):
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if self.model is not self.base_model:  # LoRA layers are injected in place: name the base
                 kwargs["adapter_names"] = names or [BASE] * len(batch)
+            if streamer is not None:
+                kwargs["streamer"] = streamer
             with torch.inference_mode():
                 seqs = self.model.generate(**enc, **kwargs)
         width = enc["input_ids"].shape[1]
@@ -214,3 +220,28 @@ class HFEngine(ChatTokenizerMixin):
                 token_logprobs=pos.gather(1, tok[:, None])[:, 0].cpu().numpy().astype(np.float32),
             ))
         return out
+
+
+class _RowStreamer:
+    """A transformers streamer (`put` per generation step, `end`) for a batch: hands each row's new
+    token to `on_tokens(rows[j], [token])` until the row emits an EOS (later steps only pad it)."""
+
+    def __init__(self, rows: list[int], on_tokens: Callable[[int, list[int]], None], eos: set[int]) -> None:
+        self.rows, self.on_tokens, self.eos = rows, on_tokens, eos
+        self._prompt_seen = False
+        self._done: set[int] = set()
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt ids
+            self._prompt_seen = True
+            return
+        for j, tok in enumerate(value.reshape(-1).tolist()):
+            if j in self._done:
+                continue
+            if tok in self.eos:
+                self._done.add(j)
+            else:
+                self.on_tokens(self.rows[j], [int(tok)])
+
+    def end(self) -> None:
+        pass
