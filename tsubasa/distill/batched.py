@@ -129,23 +129,27 @@ class SlotAdamW:
         for s in slots:
             self.steps[s] += 1
         n = torch.tensor([self.steps[s] for s in slots], dtype=torch.float64)
+        every = list(slots) == list(range(len(self.steps)))  # all slots: update in place, no gather
         with torch.no_grad():
             for k, p in self.params.items():
                 idx = torch.tensor(list(slots), device=p.device)
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 step_size = (self.lr / (1 - b1 ** n)).to(p.dtype).to(p.device).view(shape)
                 bc2_sqrt = torch.sqrt(1 - b2 ** n).to(p.dtype).to(p.device).view(shape)
-                g = p.grad.index_select(0, idx)
-                w, m, v = p.index_select(0, idx), self.exp_avg[k].index_select(0, idx), \
-                    self.exp_avg_sq[k].index_select(0, idx)
+                if every:
+                    g, w, m, v = p.grad, p.data, self.exp_avg[k], self.exp_avg_sq[k]
+                else:
+                    g, w = p.grad.index_select(0, idx), p.index_select(0, idx)
+                    m, v = self.exp_avg[k].index_select(0, idx), self.exp_avg_sq[k].index_select(0, idx)
                 if self.wd:
                     w.mul_(1 - self.lr * self.wd)
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 w.sub_(step_size * (m / (v.sqrt() / bc2_sqrt).add_(self.eps)))
-                p.index_copy_(0, idx, w)
-                self.exp_avg[k].index_copy_(0, idx, m)
-                self.exp_avg_sq[k].index_copy_(0, idx, v)
+                if not every:
+                    p.index_copy_(0, idx, w)
+                    self.exp_avg[k].index_copy_(0, idx, m)
+                    self.exp_avg_sq[k].index_copy_(0, idx, v)
 
     def slot_state(self, slot: int) -> dict[str, Any]:
         return {"exp_avg": {k: t[slot].detach().cpu().clone() for k, t in self.exp_avg.items()},
@@ -252,15 +256,16 @@ class BatchedTrainer:
                 rows += chunk
                 owner += [j] * len(chunk)
             batch = _to(collate(rows, self.student.pad_id), self.student.device)
+            # The routing stays set through backward: checkpointed layers re-run their forward there.
             with self.student.lora.route([active[j].slot for j in owner]):
                 per = per_token_loss(answer_logits(self.student.model, batch), batch, self.spec)
-            mask = batch["mask"].to(per.dtype)
-            own = torch.tensor(owner, device=per.device)
-            num = per.new_zeros(len(active)).index_add(0, own, (per * mask).sum(1))
-            den = per.new_zeros(len(active)).index_add(0, own, mask.sum(1))
-            user_loss = num / den.clamp_min(1.0)
-            self.optimizer.zero_grad()
-            user_loss.sum().backward()
+                mask = batch["mask"].to(per.dtype)
+                own = torch.tensor(owner, device=per.device)
+                num = per.new_zeros(len(active)).index_add(0, own, (per * mask).sum(1))
+                den = per.new_zeros(len(active)).index_add(0, own, mask.sum(1))
+                user_loss = num / den.clamp_min(1.0)  # each user's mean over its own answer tokens
+                self.optimizer.zero_grad()
+                user_loss.sum().backward()
             slots = [m.slot for m in active]
             clip_per_slot(self.params, slots, self.cfg.max_grad_norm)
             self.optimizer.step(slots)
