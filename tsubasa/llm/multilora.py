@@ -39,8 +39,11 @@ class AdapterRouting:
         self.rows: torch.Tensor | None = None
         """Rows with an adapter, when only some have one (None = every row)."""
         self.row_slots: torch.Tensor | None = None
+        self.version = 0
+        """Bumped on every change: layers reuse their gathered weights while it stays the same."""
 
     def set(self, slots: Sequence[int] | None, device: torch.device) -> None:
+        self.version += 1
         if slots is None or all(s < 0 for s in slots):
             self.index = self.rows = self.row_slots = None
             return
@@ -67,6 +70,7 @@ class MultiLoraLinear(nn.Module):
                                    requires_grad=trainable)
         self.register_buffer("scaling", torch.zeros(slots, dtype=dtype, device=dev), persistent=False)
         self.dropout = 0.0
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def slots(self) -> int:
@@ -82,15 +86,25 @@ class MultiLoraLinear(nn.Module):
         if route.index is None:
             return y
         xs = x if route.rows is None else x.index_select(0, route.rows)
-        slots = route.row_slots
-        a = self.lora_A.index_select(0, slots)  # (b, in, R)
-        b = self.lora_B.index_select(0, slots)  # (b, R, out)
+        a, b, scale = self._gather(route)
         h = xs.reshape(xs.shape[0], -1, xs.shape[-1]).to(a.dtype)  # peft computes LoRA in its weights' dtype
         if self.dropout and self.training:
             h = nn.functional.dropout(h, self.dropout)
-        delta = torch.bmm(torch.bmm(h, a), b) * self.scaling.index_select(0, slots)[:, None, None]
+        delta = torch.bmm(torch.bmm(h, a), b) * scale
         delta = delta.reshape(*xs.shape[:-1], -1).to(y.dtype)
         return y + delta if route.rows is None else y.index_add(0, route.rows, delta)
+
+    def _gather(self, route: AdapterRouting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's A (b, in, R), B (b, R, out) and scaling (b, 1, 1). Frozen weights are gathered
+        once per routing (every decoding step of a generate call reuses them); trainable ones every
+        call, inside the autograd graph."""
+        if self._gathered is not None and self._gathered[0] == route.version and not self.lora_A.requires_grad:
+            return self._gathered[1:]
+        slots = route.row_slots
+        out = (self.lora_A.index_select(0, slots), self.lora_B.index_select(0, slots),
+               self.scaling.index_select(0, slots)[:, None, None])
+        self._gathered = None if self.lora_A.requires_grad else (route.version, *out)
+        return out
 
     def resize(self, slots: int, rank: int) -> None:
         """Grow to `slots` x rank `rank`, keeping every slot's weights (new entries are zero)."""
