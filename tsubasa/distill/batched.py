@@ -26,14 +26,17 @@ from typing import Any
 import numpy as np
 
 from tsubasa.config import DistillConfig, ModelConfig
+from tsubasa.distill.teacher import UserDataset
 from tsubasa.distill.train import (
     Example,
     TrainSpec,
     _to,
     answer_logits,
     collate,
+    final_metrics,
     load_student_base,
     lora_targets,
+    make_examples,
     student_lora_config,
 )
 
@@ -282,3 +285,29 @@ class BatchedTrainer:
                           "answer_tokens": float(tokens[m.key]), "seconds": seconds}
             m.history.append(out[m.key])
         return out
+
+
+@dataclass
+class TrainedAdapter:
+    out_dir: Path
+    metrics: dict[str, float]
+    n_examples: int
+
+
+def train_user(student: BatchedStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig,
+               out_dir: str | Path, epochs: int | None = None,
+               on_epoch: Callable[[dict[str, float]], None] | None = None,
+               on_step: Callable[[int, int, float], None] | None = None) -> TrainedAdapter:
+    """Train one user's adapter from scratch in a free slot of `student` and save it (PEFT format)
+    into `out_dir` (the in-process path: `tsubasa distill --local`, the internalisation measure)."""
+    examples = make_examples(dataset, spec, student.tokenizer, student.model_cfg.enable_thinking,
+                             cfg.vanilla_chunk_tokens)
+    trainer = BatchedTrainer(student, spec, cfg, seed=cfg.seed)
+    key = f"{dataset.tenant_id}/{dataset.user_id}"
+    member = trainer.add(key, examples)
+    for _ in range(epochs or cfg.epochs):
+        m = trainer.run_epoch(on_step)[key]
+        if on_epoch:
+            on_epoch(m)
+    student.save(member.slot, out_dir)
+    return TrainedAdapter(Path(out_dir), final_metrics(member.history, len(examples)), len(examples))

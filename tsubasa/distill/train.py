@@ -7,7 +7,9 @@ Variants:
 - `vanilla`: LM fine-tuning on the raw conversation (the naive baseline), no QA at all.
 
 Training is resumable at epoch granularity: `UserTrainer.state_dict()` holds the adapter weights,
-the optimizer and the epoch; the data order of epoch e depends only on (seed, e).
+the optimizer and the epoch; the data order of epoch e depends only on (seed, e). `LoraStudent` and
+`UserTrainer` (peft) are the sharded `fsdp` strategy's; every other path trains with
+`tsubasa.distill.batched` (`train_user` there), which follows the same trajectory.
 """
 
 from __future__ import annotations
@@ -330,28 +332,6 @@ class UserTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = int(state["epoch"])
         self.history = list(state.get("history", []))
-
-
-@dataclass
-class TrainedAdapter:
-    out_dir: Path
-    metrics: dict[str, float]
-    n_examples: int
-
-
-def train_user(student: LoraStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig, out_dir: str | Path,
-               epochs: int | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
-               on_step: Callable[[int, int, float], None] | None = None) -> TrainedAdapter:
-    """Train one user's adapter from scratch and save it (peft format) into `out_dir`."""
-    examples = make_examples(dataset, spec, student.tokenizer, student.model_cfg.enable_thinking,
-                             cfg.vanilla_chunk_tokens)
-    trainer = UserTrainer(student, spec, examples, cfg, seed=cfg.seed)
-    for _ in range(epochs or cfg.epochs):
-        m = trainer.run_epoch(on_step)
-        if on_epoch:
-            on_epoch(m)
-    student.save(out_dir)
-    return TrainedAdapter(Path(out_dir), final_metrics(trainer.history, len(examples)), len(examples))
 
 
 def final_metrics(history: Sequence[dict[str, float]], n_examples: int) -> dict[str, float]:
