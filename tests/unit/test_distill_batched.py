@@ -16,7 +16,9 @@ from tsubasa.distill.teacher import QATargets, UserDataset
 from tsubasa.distill.train import LoraStudent, TrainSpec, UserTrainer, make_examples
 from tsubasa.schema import QAPair
 
-TOL = 2e-5  # fp32: max |batched - alone| over every LoRA weight (measured: at most 3.5e-6)
+# fp32: max |batched - alone| over every LoRA weight; measured at most 3.5e-6 (tiny-qwen3, lr 5e-3)
+# and 1.0e-5 (SmolLM2-135M, lr 2e-4)
+TOL = {"tiny-qwen3": 2e-5, "smollm2-135m-instruct": 5e-5}
 
 
 def _dataset(engine, user: str, n: int) -> UserDataset:
@@ -49,9 +51,15 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("loss", ["topd_kl", "ce_gold"])
-def test_batched_users_match_each_user_trained_alone(tiny_engine, tiny_cfg, loss):
-    cfg = _cfg(loss=loss)
+@pytest.mark.parametrize(("model", "loss"), [("tiny-qwen3", "topd_kl"), ("tiny-qwen3", "ce_gold"),
+                                           pytest.param("smollm2-135m-instruct", "topd_kl", marks=pytest.mark.slow)])
+def test_batched_users_match_each_user_trained_alone(tiny_engine, tiny_cfg, model, loss):
+    """Targets come from tiny-qwen3, which shares SmolLM2's tokenizer, so both students train on them.
+    SmolLM2 trains at the default learning rate (2e-4): at 5e-3, Adam turns fp32 summation noise in
+    the few near-zero gradient entries into whole steps (measured: ~2e-6 of the weights off by up to
+    5e-3 after 4 epochs, every loss still equal to 6 digits)."""
+    tiny_cfg = tiny_cfg.model_copy(update={"name": model})
+    cfg = _cfg(loss=loss, **({} if model == "tiny-qwen3" else {"learning_rate": 2e-4}))
     spec = TrainSpec.from_config(cfg)
     student = BatchedStudent(tiny_cfg, cfg, slots=3)
     ex = {u: make_examples(_dataset(tiny_engine, u, n), spec, student.tokenizer)
@@ -79,7 +87,7 @@ def test_batched_users_match_each_user_trained_alone(tiny_engine, tiny_cfg, loss
         want, want_losses = _alone(tiny_cfg, cfg, spec, ex[user], epochs)
         diff = _max_diff(state["adapter"], want)
         print(f"{user}: max |batched - alone| = {diff:.2e}")
-        assert diff < TOL, user
+        assert diff < TOL[model], user
         assert got[user] == pytest.approx(want_losses, rel=1e-5, abs=1e-6), user
         assert state["epoch"] == epochs
     assert _max_diff(trainer.user_state("ann")["adapter"], want) > 1e-3  # users differ
