@@ -128,38 +128,50 @@ async def throughput(core, n_requests: int, max_tokens: int, adapters: list[str 
 
 
 def compare_paths(settings, args, users: list[str]) -> tuple[dict, object]:
-    """Base vs 8 mixed adapters on the multi-LoRA engine, then on peft's path (one engine at a
-    time: each holds the model). Returns the figures and the multi-LoRA core (kept for part 2)."""
+    """Base vs 8 mixed adapters on peft's path and on the multi-LoRA engine, in `args.rounds`
+    rounds of alternating order (one engine alive at a time: each holds the model), so load on a
+    shared machine hits both alike. Ratios are medians of each round's adjacent measurements.
+    Returns the figures and the last multi-LoRA core (kept for part 2)."""
     import gc
+    import statistics
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
     from peft_engine import PeftEngine
 
     from services.serve.llm import LLMServerCore
 
-    out: dict = {}
+    sc = settings.serve
+    mcfg = settings.model.model_copy(update={  # the engine config LLMServerCore builds for itself
+        "max_loaded_adapters": sc.adapters_per_replica + sc.llm_max_ongoing_requests,
+        "batch_size": max(settings.model.batch_size, sc.max_batch_size)})
+    rounds: dict[str, list[dict]] = {"peft": [], "multilora": []}
     tokens: dict[str, list] = {}
     core = None
-    for path in ("peft", "multilora"):
-        core = LLMServerCore(settings) if path == "multilora" else None
-        if core is None:
-            sc = settings.serve
-            mcfg = settings.model.model_copy(update={
-                "max_loaded_adapters": sc.adapters_per_replica + sc.llm_max_ongoing_requests,
-                "batch_size": max(settings.model.batch_size, sc.max_batch_size)})
-            # the same engine config LLMServerCore builds for itself
-            core = LLMServerCore(settings, engine=PeftEngine(mcfg))
-        names = [core.registry.current(TENANT, u).name for u in users]
-        r_base, t_base = asyncio.run(throughput(core, args.requests, args.max_tokens, [None]))
-        r_mixed, t_mixed = asyncio.run(throughput(core, args.requests, args.max_tokens, names))
-        out[path] = {"base": r_base, "mixed_8_adapters": r_mixed,
-                     "relative": round(r_mixed["tokens_per_s"] / r_base["tokens_per_s"], 3)}
-        tokens[path] = t_base + t_mixed
-        print(f"throughput [{path}]: base {r_base['tokens_per_s']} tok/s, 8 adapters mixed "
-              f"{r_mixed['tokens_per_s']} tok/s ({out[path]['relative']}x)", flush=True)
-        if path == "peft":
-            del core
+    for r in range(args.rounds):
+        for path in (("peft", "multilora") if r % 2 == 0 else ("multilora", "peft")):
+            core = None
             gc.collect()
+            core = LLMServerCore(settings) if path == "multilora" else LLMServerCore(settings, engine=PeftEngine(mcfg))
+            names = [core.registry.current(TENANT, u).name for u in users]
+            r_base, t_base = asyncio.run(throughput(core, args.requests, args.max_tokens, [None]))
+            r_mixed, t_mixed = asyncio.run(throughput(core, args.requests, args.max_tokens, names))
+            rel = round(r_mixed["tokens_per_s"] / r_base["tokens_per_s"], 3)
+            rounds[path].append({"base": r_base, "mixed_8_adapters": r_mixed, "relative": rel,
+                                 "load_average_1m": round(os.getloadavg()[0], 1)})
+            if tokens.setdefault(path, t_base + t_mixed) != t_base + t_mixed:
+                raise AssertionError(f"{path}: greedy tokens changed between rounds")
+            print(f"round {r} [{path}]: base {r_base['tokens_per_s']} tok/s, 8 adapters mixed "
+                  f"{r_mixed['tokens_per_s']} tok/s ({rel}x), load {os.getloadavg()[0]:.1f}", flush=True)
+    if core is None or isinstance(core.engine, PeftEngine):  # parts 2 and 3 run on the multi-LoRA core
+        core = None
+        gc.collect()
+        core = LLMServerCore(settings)
+    out: dict = {}
+    for path, rs in rounds.items():
+        med = {k: statistics.median(x[k]["tokens_per_s"] for x in rs) for k in ("base", "mixed_8_adapters")}
+        out[path] = {"rounds": rs, "base": {"tokens_per_s": round(med["base"], 2)},
+                     "mixed_8_adapters": {"tokens_per_s": round(med["mixed_8_adapters"], 2)},
+                     "relative": round(statistics.median(x["relative"] for x in rs), 3)}
     out["token_identical"] = tokens["peft"] == tokens["multilora"]
     out["mixed_speedup_vs_peft"] = round(out["multilora"]["mixed_8_adapters"]["tokens_per_s"]
                                          / out["peft"]["mixed_8_adapters"]["tokens_per_s"], 3)
@@ -238,6 +250,7 @@ def main() -> None:
     ap.add_argument("--load-max-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     ap.add_argument("--only-throughput", action="store_true", help="part 1 only (base vs mixed, both paths)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both paths in part 1")
     args = ap.parse_args()
 
     from services.serve import local
@@ -299,12 +312,10 @@ def finish(result: dict, args) -> None:
     rows = []
     for path in ("peft", "multilora"):
         p = t[path]
-        rows += [(f"[{path}] base model alone", f"{p['base']['tokens_per_s']} tok/s ({p['base']['requests_per_s']} "
-                                                f"req/s, mean batch {p['base']['mean_batch']})"),
-                 (f"[{path}] 8 adapters mixed", f"{p['mixed_8_adapters']['tokens_per_s']} tok/s "
-                                                f"({p['mixed_8_adapters']['requests_per_s']} req/s, mean batch "
-                                                f"{p['mixed_8_adapters']['mean_batch']})"),
-                 (f"[{path}]   mixed / base", f"{p['relative']:.2f}x")]
+        per_round = ", ".join(f"{x['relative']:.2f}" for x in p["rounds"])
+        rows += [(f"[{path}] base model alone (median)", f"{p['base']['tokens_per_s']} tok/s"),
+                 (f"[{path}] 8 adapters mixed (median)", f"{p['mixed_8_adapters']['tokens_per_s']} tok/s"),
+                 (f"[{path}]   mixed / base", f"{p['relative']:.2f}x (rounds: {per_round})")]
     rows += [("mixed: multi-LoRA / peft", f"{t['mixed_speedup_vs_peft']:.2f}x"),
              ("greedy tokens identical (both paths)", str(t["token_identical"]))]
     if "overhead" in result:
