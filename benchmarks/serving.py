@@ -116,13 +116,14 @@ async def throughput(core, n_requests: int, max_tokens: int, adapters: list[str 
                             params=params, adapter=adapters[i % len(adapters)]) for i in range(n_requests)]
     await asyncio.gather(*(core.generate(r) for r in reqs[: core.settings.serve.max_batch_size]))  # warm-up
     b0, r0 = core.batcher.batches, core.batcher.rows
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     gens = await asyncio.gather(*(core.generate(r) for r in reqs))
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     toks = sum(g.completion_tokens for g in gens)
     batches = core.batcher.batches - b0
     return {"requests": n_requests, "seconds": round(dt, 3), "completion_tokens": toks,
             "tokens_per_s": round(toks / dt, 2), "requests_per_s": round(n_requests / dt, 3),
+            "cpu_seconds": round(cpu, 3), "tokens_per_cpu_s": round(toks / cpu, 2),
             "engine_batches": batches, "mean_batch": round((core.batcher.rows - r0) / max(batches, 1), 2),
             "distinct_adapters": len({a for a in adapters if a})}, [g.token_ids for g in gens]
 
@@ -131,6 +132,8 @@ def compare_paths(settings, args, users: list[str]) -> tuple[dict, object]:
     """Base vs 8 mixed adapters on peft's path and on the multi-LoRA engine, in `args.rounds`
     rounds of alternating order (one engine alive at a time: each holds the model), so load on a
     shared machine hits both alike. Ratios are medians of each round's adjacent measurements.
+    Tokens per CPU-second of this process (one torch thread) are reported beside wall-clock tok/s:
+    other jobs on a shared machine slow the wall clock, much less the CPU time a batch costs.
     Returns the figures and the last multi-LoRA core (kept for part 2)."""
     import gc
     import statistics
@@ -156,25 +159,31 @@ def compare_paths(settings, args, users: list[str]) -> tuple[dict, object]:
             r_base, t_base = asyncio.run(throughput(core, args.requests, args.max_tokens, [None]))
             r_mixed, t_mixed = asyncio.run(throughput(core, args.requests, args.max_tokens, names))
             rel = round(r_mixed["tokens_per_s"] / r_base["tokens_per_s"], 3)
+            rel_cpu = round(r_mixed["tokens_per_cpu_s"] / r_base["tokens_per_cpu_s"], 3)
             rounds[path].append({"base": r_base, "mixed_8_adapters": r_mixed, "relative": rel,
-                                 "load_average_1m": round(os.getloadavg()[0], 1)})
+                                 "relative_cpu": rel_cpu, "load_average_1m": round(os.getloadavg()[0], 1)})
             if tokens.setdefault(path, t_base + t_mixed) != t_base + t_mixed:
                 raise AssertionError(f"{path}: greedy tokens changed between rounds")
             print(f"round {r} [{path}]: base {r_base['tokens_per_s']} tok/s, 8 adapters mixed "
-                  f"{r_mixed['tokens_per_s']} tok/s ({rel}x), load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"{r_mixed['tokens_per_s']} tok/s ({rel}x wall, {rel_cpu}x per CPU-second), "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     if core is None or isinstance(core.engine, PeftEngine):  # parts 2 and 3 run on the multi-LoRA core
         core = None
         gc.collect()
         core = LLMServerCore(settings)
     out: dict = {}
     for path, rs in rounds.items():
-        med = {k: statistics.median(x[k]["tokens_per_s"] for x in rs) for k in ("base", "mixed_8_adapters")}
-        out[path] = {"rounds": rs, "base": {"tokens_per_s": round(med["base"], 2)},
-                     "mixed_8_adapters": {"tokens_per_s": round(med["mixed_8_adapters"], 2)},
-                     "relative": round(statistics.median(x["relative"] for x in rs), 3)}
+        med = {(k, m): statistics.median(x[k][m] for x in rs) for k in ("base", "mixed_8_adapters")
+               for m in ("tokens_per_s", "tokens_per_cpu_s")}
+        out[path] = {"rounds": rs, **{k: {m: round(med[(k, m)], 2) for m in ("tokens_per_s", "tokens_per_cpu_s")}
+                                      for k in ("base", "mixed_8_adapters")},
+                     "relative": round(statistics.median(x["relative"] for x in rs), 3),
+                     "relative_cpu": round(statistics.median(x["relative_cpu"] for x in rs), 3)}
     out["token_identical"] = tokens["peft"] == tokens["multilora"]
     out["mixed_speedup_vs_peft"] = round(out["multilora"]["mixed_8_adapters"]["tokens_per_s"]
                                          / out["peft"]["mixed_8_adapters"]["tokens_per_s"], 3)
+    out["mixed_speedup_vs_peft_cpu"] = round(out["multilora"]["mixed_8_adapters"]["tokens_per_cpu_s"]
+                                             / out["peft"]["mixed_8_adapters"]["tokens_per_cpu_s"], 3)
     return out, core
 
 
@@ -312,11 +321,15 @@ def finish(result: dict, args) -> None:
     rows = []
     for path in ("peft", "multilora"):
         p = t[path]
-        per_round = ", ".join(f"{x['relative']:.2f}" for x in p["rounds"])
-        rows += [(f"[{path}] base model alone (median)", f"{p['base']['tokens_per_s']} tok/s"),
-                 (f"[{path}] 8 adapters mixed (median)", f"{p['mixed_8_adapters']['tokens_per_s']} tok/s"),
-                 (f"[{path}]   mixed / base", f"{p['relative']:.2f}x (rounds: {per_round})")]
-    rows += [("mixed: multi-LoRA / peft", f"{t['mixed_speedup_vs_peft']:.2f}x"),
+        per_round = ", ".join(f"{x['relative']:.2f}/{x['relative_cpu']:.2f}" for x in p["rounds"])
+        rows += [(f"[{path}] base model alone (median)", f"{p['base']['tokens_per_s']} tok/s, "
+                                                         f"{p['base']['tokens_per_cpu_s']} tok/CPU-s"),
+                 (f"[{path}] 8 adapters mixed (median)", f"{p['mixed_8_adapters']['tokens_per_s']} tok/s, "
+                                                         f"{p['mixed_8_adapters']['tokens_per_cpu_s']} tok/CPU-s"),
+                 (f"[{path}]   mixed / base", f"{p['relative']:.2f}x wall, {p['relative_cpu']:.2f}x per CPU-s "
+                                              f"(rounds wall/CPU: {per_round})")]
+    rows += [("mixed: multi-LoRA / peft", f"{t['mixed_speedup_vs_peft']:.2f}x wall, "
+                                          f"{t['mixed_speedup_vs_peft_cpu']:.2f}x per CPU-s"),
              ("greedy tokens identical (both paths)", str(t["token_identical"]))]
     if "overhead" in result:
         o, ld = result["overhead"], result["load"]
