@@ -290,6 +290,8 @@ def main() -> None:
 
             # 1 + 2: in process, the deployment's own code (LLMServerCore = engine + pool + batcher)
             result["throughput"], core = compare_paths(settings, args, users)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))  # part 1 kept even if a later part dies
             if args.only_throughput:
                 finish(result, args)
                 return
