@@ -53,9 +53,11 @@ class TrainJobConfig(BaseModel):
     """`batched`: each worker trains its own users, `users_per_batch` adapters at once in one
     forward/backward (model fits one device). `fsdp` / `deepspeed_zero3`: all workers train one
     user at a time with the model sharded (32B)."""
-    users_per_batch: int = Field(16, ge=1, le=4096)
-    """`batched`: adapters a worker trains together (1 = one user after another); memory grows with
-    it (each user adds `distill.batch_size` rows to a step and one LoRA slot with its AdamW moments)."""
+    users_per_batch: int = Field(4, ge=1, le=4096)
+    """`batched`: adapters a worker trains together (1 = one user after another). Memory grows with
+    it: each user adds `distill.batch_size` rows to a step's activations (no gradient checkpointing:
+    SmolLM2-135M in fp32 with 16 users x 4 rows of ~120 tokens needed 17 GB) and one LoRA slot with
+    its AdamW moments. Raise it on a GPU (with `gradient_checkpointing`)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
