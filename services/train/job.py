@@ -41,6 +41,8 @@ class JobResult(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
     """Users left out before training (e.g. no QA survived synthesis), with the reason."""
     seconds: float = 0.0
+    workers: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Per worker (`_worker/<rank>`), where its time went: setup_s, train_s, publish_s, checkpoint_s."""
 
 
 def _progress_board():
@@ -141,7 +143,7 @@ def run_distill_job(settings: Settings, users: Sequence[tuple[str, str]], spec: 
         "settings": settings, "spec": spec.model_dump(), "strategy": job.strategy, "job_id": name,
         "users": [k.split("/", 1) for k in keys], "datasets": {k: ray.put(datasets[k]) for k in keys},
         "board": board, "fsdp": {**job.fsdp.model_dump(), "mixed_precision": job.mixed_precision},
-        "gradient_checkpointing": job.gradient_checkpointing,
+        "gradient_checkpointing": job.gradient_checkpointing, "users_per_batch": job.users_per_batch,
     }
     trainer = build_trainer(job, train_loop_per_worker, loop_config, name, storage)
     outcome: dict[str, Any] = {}
@@ -173,6 +175,7 @@ def run_distill_job(settings: Settings, users: Sequence[tuple[str, str]], spec: 
                                        metrics=st.get("metrics", {})))
         if progress:
             progress(k, st)
+    result.workers = {k: v for k, v in states.items() if k.startswith("_worker/")}
     _finish(storage, name)
     result.seconds = time.perf_counter() - t0
     return result

@@ -41,7 +41,7 @@ def test_local_config_builds():
     assert settings.model.name == "smollm2-135m-instruct"
     sc = scaling_config(job)
     assert sc.num_workers == 2 and not sc.use_gpu and sc.resources_per_worker == {"CPU": 1}
-    assert torch_config(job).backend == "gloo" and job.strategy == "users"
+    assert torch_config(job).backend == "gloo" and job.strategy == "batched" and job.users_per_batch == 2
 
 
 def test_bad_job_values_name_the_field(tmp_path):

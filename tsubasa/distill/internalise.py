@@ -46,13 +46,9 @@ def _logprobs(engine: Any, messages: Messages, cont: Sequence[int], adapter: str
 
     ids = engine.prompt_ids(messages) + list(cont)
     x = torch.tensor([ids], device=engine.device)
-    kwargs: dict[str, Any] = {"logits_to_keep": len(cont) + 1}
-    if engine.model is not engine.base_model:
-        kwargs["adapter_names"] = [adapter or "__base__"]
-    elif adapter is not None:
-        raise KeyError(f"adapter {adapter!r} is not loaded")
-    with engine._lock, torch.inference_mode():
-        logits = engine.model(input_ids=x, attention_mask=torch.ones_like(x), **kwargs).logits[0, :-1].float()
+    with engine._lock, engine.routed([adapter], 1), torch.inference_mode():
+        logits = engine.base_model(input_ids=x, attention_mask=torch.ones_like(x),
+                                   logits_to_keep=len(cont) + 1).logits[0, :-1].float()
     return torch.log_softmax(logits, dim=-1)
 
 

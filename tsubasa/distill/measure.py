@@ -16,10 +16,11 @@ from tsubasa.config import Settings
 def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_values: Sequence[int],
                         progress: Callable[[str, int, int], None] | None = None, engine: Any = None,
                         embedder: Any = None, store: Any = None) -> dict[str, Any]:
+    from tsubasa.distill.batched import BatchedStudent, train_user
     from tsubasa.distill.internalise import Condition, measure, teacher_reference
     from tsubasa.distill.pipeline import prepare_dataset, synth_engine_for
     from tsubasa.distill.synth import JsonCache, UserCorpus
-    from tsubasa.distill.train import LoraStudent, TrainSpec, train_user
+    from tsubasa.distill.train import TrainSpec
     from tsubasa.embed import load_embedder
     from tsubasa.llm import load_engine
     from tsubasa.memory.store import MilvusStore
@@ -38,7 +39,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     specs = [TrainSpec.from_config(cfg, "tsubasa", d) for d in d_values]
     specs.append(TrainSpec.from_config(cfg, "no_grounding", cfg.top_d))
     out_root = Path(settings.distill_dir) / "internalise" / tenant_id / user_id
-    student = LoraStudent(settings.model, cfg)
+    student = BatchedStudent(settings.model, cfg, slots=1)
     training: dict[str, dict[str, float]] = {}
     for i, spec in enumerate(specs):
         if progress:

@@ -14,9 +14,10 @@ from pydantic import BaseModel, Field
 
 from tsubasa.config import DistillConfig, Settings
 from tsubasa.distill.adapters import AdapterManifest, AdapterRegistry, AdapterVersion
+from tsubasa.distill.batched import BatchedStudent, train_user
 from tsubasa.distill.synth import JsonCache, QASynthesizer, UserCorpus, synth_cache_key
 from tsubasa.distill.teacher import UserDataset, build_user_dataset, dataset_cache_key
-from tsubasa.distill.train import LoraStudent, TrainSpec, train_user
+from tsubasa.distill.train import TrainSpec
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine
 from tsubasa.schema import QAPair
@@ -96,7 +97,7 @@ class UserResult(BaseModel):
     skipped: str | None = None
 
 
-def train_and_publish(student: LoraStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig,
+def train_and_publish(student: BatchedStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig,
                       registry: AdapterRegistry, progress: Progress | None = None,
                       **extra: str) -> AdapterVersion:
     """Train a fresh adapter for the dataset's user and publish it as the next version."""
@@ -147,7 +148,7 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
     embedder = embedder or load_embedder(settings.embedder)
     store = store or MilvusStore(settings.milvus, uri=settings.milvus_uri)
     cache = JsonCache(f"{settings.distill_dir}/cache")
-    student: LoraStudent | None = None
+    student: BatchedStudent | None = None
     results = []
     for tenant_id, user_id in users:
         label = f"{tenant_id}/{user_id}"
@@ -163,7 +164,7 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
         dataset = prepare_dataset(engine, embedder, corpus, cfg, teacher_d(cfg, spec), cache,
                                   batch_size=settings.model.batch_size, progress=cb, synth_engine=synth_engine)
         if student is None:
-            student = LoraStudent(settings.model, cfg)
+            student = BatchedStudent(settings.model, cfg, slots=1)
         v = train_and_publish(student, dataset, spec, cfg, registry, progress=cb)
         results.append(UserResult(tenant_id=tenant_id, user_id=user_id, version=v.version, adapter=v.name,
                                   metrics=v.manifest.metrics, stats=dataset.stats))

@@ -7,7 +7,9 @@ Variants:
 - `vanilla`: LM fine-tuning on the raw conversation (the naive baseline), no QA at all.
 
 Training is resumable at epoch granularity: `UserTrainer.state_dict()` holds the adapter weights,
-the optimizer and the epoch; the data order of epoch e depends only on (seed, e).
+the optimizer and the epoch; the data order of epoch e depends only on (seed, e). `LoraStudent` and
+`UserTrainer` (peft) are the sharded `fsdp` strategy's; every other path trains with
+`tsubasa.distill.batched` (`train_user` there), which follows the same trajectory.
 """
 
 from __future__ import annotations
@@ -162,34 +164,54 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+def load_student_base(model_cfg: ModelConfig, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any, Any]:
+    """(base model on its device, tokenizer with a pad token, device) for a student."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tsubasa.llm.models import resolve_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    want_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if want_cuda else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        model_cfg.dtype, torch.bfloat16 if want_cuda else torch.float32)
+    path = resolve_model(model_cfg.name, model_cfg.cache_dir)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = model or AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    base.to(device)
+    return base, tokenizer, device
+
+
+def lora_targets(base: Any, cfg: DistillConfig, model_name: str) -> list[str]:
+    """The configured target modules that exist in `base` (an error when none does)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    targets = [t for t in cfg.target_modules if t in names]
+    if not targets:
+        raise ValueError(f"distill.target_modules {cfg.target_modules} match no module of {model_name}")
+    return targets
+
+
+def student_lora_config(cfg: DistillConfig, targets: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
 class LoraStudent:
-    """The base model (frozen) with one trainable LoRA adapter, re-initialised per user."""
+    """The base model (frozen) with one trainable peft LoRA adapter, re-initialised per user (the
+    sharded `fsdp` strategy's student; `tsubasa.distill.batched` trains many adapters at once)."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: DistillConfig, model: Any = None, tokenizer: Any = None) -> None:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from peft import get_peft_model
 
-        from tsubasa.llm.models import resolve_model
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model_cfg, self.cfg = model_cfg, cfg
-        want_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if want_cuda else "cpu")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            model_cfg.dtype, torch.bfloat16 if want_cuda else torch.float32)
-        path = resolve_model(model_cfg.name, model_cfg.cache_dir)
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        base = model or AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        base.to(self.device)
-        names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-        targets = [t for t in cfg.target_modules if t in names]
-        if not targets:
-            raise ValueError(f"distill.target_modules {cfg.target_modules} match no module of {model_cfg.name}")
-        self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                      target_modules=targets, task_type="CAUSAL_LM")
+        base, self.tokenizer, self.device = load_student_base(model_cfg, model, tokenizer)
+        targets = lora_targets(base, cfg, model_cfg.name)
+        self.lora_config = student_lora_config(cfg, targets)
         self.model = get_peft_model(base, self.lora_config)
         self.target_modules = targets
 
@@ -312,30 +334,9 @@ class UserTrainer:
         self.history = list(state.get("history", []))
 
 
-@dataclass
-class TrainedAdapter:
-    out_dir: Path
-    metrics: dict[str, float]
-    n_examples: int
-
-
-def train_user(student: LoraStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig, out_dir: str | Path,
-               epochs: int | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
-               on_step: Callable[[int, int, float], None] | None = None) -> TrainedAdapter:
-    """Train one user's adapter from scratch and save it (peft format) into `out_dir`."""
-    examples = make_examples(dataset, spec, student.tokenizer, student.model_cfg.enable_thinking,
-                             cfg.vanilla_chunk_tokens)
-    trainer = UserTrainer(student, spec, examples, cfg, seed=cfg.seed)
-    for _ in range(epochs or cfg.epochs):
-        m = trainer.run_epoch(on_step)
-        if on_epoch:
-            on_epoch(m)
-    student.save(out_dir)
-    return TrainedAdapter(Path(out_dir), final_metrics(trainer), len(examples))
-
-
-def final_metrics(trainer: UserTrainer) -> dict[str, float]:
-    h = trainer.history
+def final_metrics(history: Sequence[dict[str, float]], n_examples: int) -> dict[str, float]:
+    """Manifest metrics of a finished adapter from its per-epoch history."""
+    h = history
     return {"epochs": float(len(h)), "loss_first_epoch": h[0]["loss"] if h else float("nan"),
             "loss_last_epoch": h[-1]["loss"] if h else float("nan"),
-            "train_seconds": float(sum(x["seconds"] for x in h)), "n_examples": float(len(trainer.examples))}
+            "train_seconds": float(sum(x["seconds"] for x in h)), "n_examples": float(n_examples)}

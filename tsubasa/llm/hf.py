@@ -1,8 +1,12 @@
-"""transformers + peft engine (CPU default, also GPU): batched chat generation, named LoRA adapters
-with mixed-adapter batches, and top-d scoring of continuations."""
+"""transformers engine (CPU default, also GPU): batched chat generation, named LoRA adapters (PEFT
+directories) with mixed-adapter batches, and top-d scoring of continuations.
+
+Adapters live in the model's multi-LoRA layers (`tsubasa.llm.multilora`): each loaded adapter has a
+slot, and a batch mixing adapters (and base-model rows) runs as one pass with a per-row slot index."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,13 +27,14 @@ from tsubasa.llm.base import (
     reject_json_schema,
 )
 from tsubasa.llm.models import resolve_model
+from tsubasa.llm.multilora import MultiLoraModel
 
 log = logging.getLogger(__name__)
-BASE = "__base__"  # peft's name for "no adapter" in mixed-adapter batches
 
 
 class HFEngine(ChatTokenizerMixin):
-    """A causal LM from transformers; LoRA adapters via peft, kept in an LRU of `max_loaded_adapters`."""
+    """A causal LM from transformers; LoRA adapters in multi-LoRA layers, kept in an LRU of
+    `max_loaded_adapters` slots."""
 
     def __init__(self, cfg: ModelConfig | None = None) -> None:
         import torch
@@ -50,8 +55,8 @@ class HFEngine(ChatTokenizerMixin):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.base_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
         self.base_model.eval()
-        self.model: Any = self.base_model  # becomes a PeftModel once an adapter is loaded
-        self._adapters: OrderedDict[str, str] = OrderedDict()
+        self.lora: MultiLoraModel | None = None  # layers are put in at the first adapter
+        self._adapters: OrderedDict[str, int] = OrderedDict()  # name -> slot
         self._lock = threading.RLock()
         torch.manual_seed(cfg.seed)
 
@@ -61,50 +66,53 @@ class HFEngine(ChatTokenizerMixin):
 
     # ---- adapters -----------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str) -> None:
-        """Load LoRA weights from `path` under `name` (evicting the least recently used if full)."""
-        from peft import PeftModel
-
+        """Load LoRA weights from the PEFT directory `path` under `name` (evicting the least
+        recently used adapter if all slots are taken)."""
         with self._lock:
             if name in self._adapters:
                 self._adapters.move_to_end(name)
                 return
             while len(self._adapters) >= self.cfg.max_loaded_adapters:
-                old = next(iter(self._adapters))
-                self.unload_adapter(old)
-            if self.model is self.base_model:
-                self.model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)
-            else:
-                self.model.load_adapter(path, adapter_name=name)
-            self.model.eval()
-            self._adapters[name] = path
-            log.info("loaded adapter %s from %s", name, path)
+                self.unload_adapter(next(iter(self._adapters)))
+            if self.lora is None:
+                self.lora = MultiLoraModel(self.base_model, slots=1)
+            used = set(self._adapters.values())
+            slot = next(s for s in range(self.cfg.max_loaded_adapters) if s not in used)
+            self.lora.load_peft(slot, path)
+            self._adapters[name] = slot
+            log.info("loaded adapter %s from %s (slot %d)", name, path, slot)
 
     def unload_adapter(self, name: str) -> None:
         with self._lock:
-            if name not in self._adapters:
-                return
-            self.model.delete_adapter(name)
-            del self._adapters[name]
-            if not self._adapters:  # drop the empty LoRA layers: back to the plain base model
-                self.base_model = self.model.unload()
-                self.model = self.base_model
+            slot = self._adapters.pop(name, None)
+            if slot is not None and self.lora is not None:
+                self.lora.clear(slot)
 
     def loaded_adapters(self) -> list[str]:
         return list(self._adapters)
 
-    def _adapter_names(self, adapters: Sequence[str | None] | None, n: int) -> list[str] | None:
+    def _slots(self, adapters: Sequence[str | None] | None, n: int) -> list[int] | None:
+        """Slot per row (-1 = base model), or None when no row names an adapter."""
         if adapters is None or all(a is None for a in adapters):
             return None
         if len(adapters) != n:
             raise ValueError(f"adapters has {len(adapters)} entries for {n} prompts")
-        names = []
+        slots = []
         for a in adapters:
             if a is not None and a not in self._adapters:
                 raise AdapterNotLoadedError(a)
             if a is not None:
                 self._adapters.move_to_end(a)
-            names.append(a or BASE)
-        return names
+            slots.append(-1 if a is None else self._adapters[a])
+        return slots
+
+    def routed(self, adapters: Sequence[str | None] | None, n: int) -> contextlib.AbstractContextManager:
+        """Context in which row i of a batch of `n` runs with adapter `adapters[i]` (None = base).
+        Hold `self._lock` around it and the model calls inside."""
+        slots = self._slots(adapters, n)
+        if slots is None or self.lora is None:
+            return contextlib.nullcontext()
+        return self.lora.route(slots)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(
@@ -135,8 +143,7 @@ class HFEngine(ChatTokenizerMixin):
                         adapters: Sequence[str | None] | None, streamer: Any = None) -> list[Generation]:
         import torch
 
-        with self._lock:
-            names = self._adapter_names(adapters, len(batch))
+        with self._lock, self.routed(adapters, len(batch)):
             enc = self.tokenizer.pad({"input_ids": batch}, return_tensors="pt", padding=True)
             enc = {k: v.to(self.device) for k, v in enc.items()}
             kwargs: dict[str, Any] = {
@@ -150,12 +157,10 @@ class HFEngine(ChatTokenizerMixin):
                 kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if self.model is not self.base_model:  # LoRA layers are injected in place: name the base
-                kwargs["adapter_names"] = names or [BASE] * len(batch)
             if streamer is not None:
                 kwargs["streamer"] = streamer
             with torch.inference_mode():
-                seqs = self.model.generate(**enc, **kwargs)
+                seqs = self.base_model.generate(**enc, **kwargs)
         width = enc["input_ids"].shape[1]
         eos = set(self.eos_ids)
         gens = []
@@ -196,15 +201,11 @@ class HFEngine(ChatTokenizerMixin):
         # logits are needed (logits_to_keep) instead of a (B, L, V) tensor.
         seqs = [p + c for p, c in rows]
         max_c = max(len(c) for _, c in rows)
-        with self._lock:
-            names = self._adapter_names(adapters, len(rows))
+        with self._lock, self.routed(adapters, len(rows)):
             enc = self.tokenizer.pad({"input_ids": seqs}, return_tensors="pt", padding=True)
             enc = {k: v.to(self.device) for k, v in enc.items()}
-            kwargs: dict[str, Any] = {"logits_to_keep": max_c + 1}
-            if self.model is not self.base_model:
-                kwargs["adapter_names"] = names or [BASE] * len(rows)
             with torch.inference_mode():
-                logits = self.model(**enc, **kwargs).logits.float()
+                logits = self.base_model(**enc, logits_to_keep=max_c + 1).logits.float()
                 logp = torch.log_softmax(logits, dim=-1)
         k = logp.shape[1]
         out = []
