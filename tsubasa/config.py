@@ -120,9 +120,12 @@ class MemoryConfig(BaseModel):
     """`static` appends every observation (the paper's ablation)."""
     top_k: int = Field(3, ge=1, le=100)
     """Memories retrieved to ground an answer (the paper uses 3)."""
-    retrieval: Literal["dense", "hybrid"] = "hybrid"
+    retrieval: Literal["dense", "hybrid"] = "dense"
     """Grounding search: `dense` (MiniLM cosine) or `hybrid` (dense + BM25 full text, fused by
-    reciprocal rank; needs collections made with `milvus.bm25`, else falls back to dense)."""
+    reciprocal rank; needs collections made with `milvus.bm25`, else falls back to dense). Hybrid
+    wins on held-out LoCoMo recall (docs/benchmarks.md) but distillation grounds its students with a
+    dense index away from Milvus (distill/teacher.py MemoryIndex): keep `dense` where adapters are
+    trained, or their training and serving grounding differ."""
     evolve_candidates: int = Field(5, ge=1, le=50)
     """Existing memories shown to the manager LLM for each new observation."""
     add_below_similarity: float = Field(0.30, ge=-1.0, le=1.0)

@@ -29,11 +29,22 @@ CITIES = ["Lisbon", "Osaka", "Nairobi", "Quito", "Tromso", "Hanoi", "Cusco", "Tb
           "Accra", "Oaxaca", "Reykjavik", "Tallinn", "Hobart", "Valparaiso", "Zanzibar", "Kyoto", "Lviv", "Porto"]
 HOBBIES = ["pottery", "rock climbing", "chess", "salsa dancing", "beekeeping", "sailing", "origami", "fencing",
            "birdwatching", "calligraphy", "archery", "glassblowing", "surfing", "knitting", "astronomy"]
-_ID = re.compile(r"\[([A-Za-z0-9_.@-]+)\.(s\d+)\.t\d+\]")
+_ID = re.compile(r"\b([A-Za-z0-9_.@-]+) (s\d+) turn \d+:")
 
 
 def speaker_name(user: str) -> str:
     return "Ann" + user[-2:]
+
+
+def facts_for(user: str, sid: str) -> tuple[str, str]:
+    """The two facts the scripted writer extracts from a session; its first turn states them, so the
+    writer's guards (support, speaker) accept them as they would a faithful model's."""
+    h = sum(map(ord, user + sid))
+    name = speaker_name(user)
+    a = f"{name} plans a trip to {CITIES[h % len(CITIES)]} to learn {HOBBIES[h % len(HOBBIES)]} in {sid}"
+    b = (f"{name} keeps a {NOUNS[h % len(NOUNS)]} and {VERBS[(h // 3) % len(VERBS)]} it with a neighbour "
+         f"from {CITIES[(h // 7) % len(CITIES)]} during {sid}")
+    return a, b
 
 
 @dataclass
@@ -74,6 +85,8 @@ def workload(tenant: str = "acme", users: int = 50, sessions: int = 5, per_sessi
             for k in range(n_turns):
                 speaker = name if k % 2 == 0 else "assistant"
                 text = f"{uid} {sid} turn {k}: I {VERBS[(i + k) % len(VERBS)]} the {NOUNS[(j + k) % len(NOUNS)]}"
+                if k == 0:
+                    text += "".join(f". {f.replace(name, 'I', 1)}" for f in facts_for(uid, sid))
                 eid = f"{uid}.{sid}.t{k}"
                 evs.append(Event(event_id=eid, tenant_id=tenant, user_id=uid, session_id=sid,
                                  timestamp=when + timedelta(seconds=k), speaker=speaker, text=text))
@@ -114,13 +127,10 @@ def scripted_reply(log_path: str, fail_users: tuple[str, ...], prompt) -> str:
         _log_call(log_path, "extract", f"{user}:{sid}")
         if user in fail_users:
             raise RuntimeError(f"scripted LLM failure for {user}")
-        ids = [i for i in re.findall(r"\[([A-Za-z0-9_.@-]+\.t\d+)\]", body)][:2] or ["x"]
         h = sum(map(ord, user + sid))
-        name = speaker_name(user)
-        a = f"{name} plans a trip to {CITIES[h % len(CITIES)]} to learn {HOBBIES[h % len(HOBBIES)]} in {sid}"
-        b = (f"{name} keeps a {NOUNS[h % len(NOUNS)]} and {VERBS[(h // 3) % len(VERBS)]} it with a neighbour "
-             f"from {CITIES[(h // 7) % len(CITIES)]} during {sid}")
-        return f"- [2024-02-0{h % 9 + 1}] {a} (turns: {ids[0]})\n- [2024-02-1{h % 9}] {b} (turns: {ids[-1]})"
+        a, b = facts_for(user, sid)
+        first = f"{user}.{sid}.t0"
+        return f"- [2024-02-0{h % 9 + 1}] {a} (turns: {first})\n- [2024-02-1{h % 9}] {b} (turns: {first})"
     if system == prompts.DECIDE_SYSTEM:
         m = re.search(r"New observation: (.*)", body)
         _log_call(log_path, "decide", m.group(1).strip() if m else "")

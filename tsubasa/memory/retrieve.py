@@ -62,7 +62,7 @@ class Retriever:
 
     def __init__(self, store: MemoryStore, embedder: Embedder,
                  count_tokens: Callable[[str], int] | None = None,
-                 mode: Literal["dense", "hybrid"] = "hybrid") -> None:
+                 mode: Literal["dense", "hybrid"] = "dense") -> None:
         self.store = store
         self.embedder = embedder
         self.count_tokens = count_tokens or _words
