@@ -36,7 +36,8 @@ EXTRACTED = ("- [2023-05-07] Caroline went to an LGBTQ support group. (turns: D1
 
 def _model_reply(messages) -> str:
     # The scripted *model* for memory writing: an extraction reply for extraction prompts, ADD otherwise.
-    return EXTRACTED if "[D1:3]" in messages[-1].content else "ADD"
+    text = messages[-1].content
+    return EXTRACTED if "Caroline:" in text and "List " in text else "ADD"
 
 
 @dataclass

@@ -50,7 +50,7 @@ MALFORMED = [
 
 
 def test_malformed_events_are_dead_lettered_and_the_partition_flows(tmp_path, broker, milvus_server, ray_local):
-    from ingest_workload import engine_factory, read_calls
+    from ingest_workload import engine_factory, read_calls, turn_text
 
     from services.ingest.kafka_io import DeadLetter, make_consumer, partition_for_key
     from services.ingest.producer import EventProducer
@@ -68,7 +68,7 @@ def test_malformed_events_are_dead_lettered_and_the_partition_flows(tmp_path, br
         name = "Ann" + user[-2:]
         out = [Event(event_id=f"{user}.{sid}.t{k}", tenant_id="acme", user_id=user, session_id=sid,
                      timestamp=when.replace(minute=k), speaker=name if k % 2 == 0 else "assistant",
-                     text=f"{user} {sid} turn {k}: I painted the canoe") for k in range(start, start + n)]
+                     text=turn_text(user, sid, k, "I painted the canoe")) for k in range(start, start + n)]
         if end:
             out.append(Event(event_id=f"{user}.{sid}.end", tenant_id="acme", user_id=user, session_id=sid,
                              timestamp=when.replace(minute=59), kind=EventKind.SESSION_END))

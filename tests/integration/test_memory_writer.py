@@ -212,3 +212,27 @@ def test_guards_refuse_unsupported_lines_and_merges_that_splice_or_drop(store, e
     assert {"Caroline adopted a third cat named Pixel.", "Caroline took Pixel to the vet in Boston."} <= texts
     assert "Caroline lives in Boston with her partner and two cats." in texts  # nothing destroyed
     assert results[0].fallbacks == 2 and replies.n_decide == 2
+
+
+def test_speaker_check_vetoes_another_target_speakers_fact_not_an_assistants_echo(embedder):
+    """A fact closer to another *target* speaker's turns is that speaker's and is dropped; an assistant
+    paraphrasing the user's fact back has no life of its own to misattribute and vetoes nothing."""
+    from tsubasa.memory.observe import ObservationExtractor
+    from tsubasa.schema import Turn
+
+    def turns(lines):
+        return [Turn(event_id=f"e{i}", tenant_id="acme", user_id="u", session_id="s1", speaker=sp, text=tx,
+                     timestamp=T0 + timedelta(seconds=i), source_id=f"s1:{i}", seq=i)
+                for i, (sp, tx) in enumerate(lines)]
+
+    chat = turns([("Caroline", "ugh so tired lol. we finally repaired the old canoe w my brother this weekend"),
+                  ("assistant", "Caroline, you repaired the old canoe with your brother over the weekend? Lovely!")])
+    fact = "- Caroline repaired the old canoe with her brother over the weekend."
+    ex = ObservationExtractor(ScriptedEngine(lambda p: fact), embedder, MemoryConfig())
+    obs, stats = ex.extract(chat)
+    assert [o.text for o in obs] == [fact[2:]] and not stats.dropped.get("other_speakers_turns")
+    # Declared a target speaker, the assistant's echo would veto the fact: the rule, not luck, keeps it.
+    ex = ObservationExtractor(ScriptedEngine(lambda p: fact if "about Caroline" in p[-1].content else ""),
+                              embedder, MemoryConfig(target_speakers=["Caroline", "assistant"]))
+    obs, stats = ex.extract(chat)
+    assert obs == [] and stats.dropped["other_speakers_turns"] == 1

@@ -47,6 +47,16 @@ def facts_for(user: str, sid: str) -> tuple[str, str]:
     return a, b
 
 
+def turn_text(user: str, sid: str, k: int, chat: str) -> str:
+    """Turn k of a scripted session: `<user> <sid> turn <k>: <chat>`; turn 0 also states the session's
+    facts in the first person, as a faithful model's source would."""
+    text = f"{user} {sid} turn {k}: {chat}"
+    if k == 0:
+        name = speaker_name(user)
+        text += "".join(f". {f.replace(name, 'I', 1)}" for f in facts_for(user, sid))
+    return text
+
+
 @dataclass
 class Workload:
     events: list[Event]
@@ -84,9 +94,7 @@ def workload(tenant: str = "acme", users: int = 50, sessions: int = 5, per_sessi
             evs = []
             for k in range(n_turns):
                 speaker = name if k % 2 == 0 else "assistant"
-                text = f"{uid} {sid} turn {k}: I {VERBS[(i + k) % len(VERBS)]} the {NOUNS[(j + k) % len(NOUNS)]}"
-                if k == 0:
-                    text += "".join(f". {f.replace(name, 'I', 1)}" for f in facts_for(uid, sid))
+                text = turn_text(uid, sid, k, f"I {VERBS[(i + k) % len(VERBS)]} the {NOUNS[(j + k) % len(NOUNS)]}")
                 eid = f"{uid}.{sid}.t{k}"
                 evs.append(Event(event_id=eid, tenant_id=tenant, user_id=uid, session_id=sid,
                                  timestamp=when + timedelta(seconds=k), speaker=speaker, text=text))

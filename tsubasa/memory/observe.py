@@ -265,17 +265,21 @@ class ObservationExtractor:
 
         An observation that cites no turn gets the most similar turn(s) of its speaker (at least
         `attribution_min_similarity`, else the single best one). With the full prompt, one whose best
-        match among another speaker's turns beats its best own turn by `speaker_margin` is that other
-        speaker's fact credited to the wrong person, and is dropped (`other_speakers_turns`)."""
+        match among another target speaker's turns beats its best own turn by `speaker_margin` is that
+        other speaker's fact credited to the wrong person, and is dropped (`other_speakers_turns`)."""
         if not parsed:
             return parsed
         tv = self.embedder.embed([t.text for t in turns])
         sims = self.embedder.embed([p.text for p in parsed]) @ tv.T
+        targets = set(self.speakers(turns))
         kept = []
         for p, row in zip(parsed, sims, strict=True):
             own = np.array([t.speaker == p.speaker for t in turns])
-            if not self.compact and self.cfg.guards and own.any() and (~own).any() \
-                    and row[~own].max() > row[own].max() + self.cfg.speaker_margin:
+            # Only another *target* speaker's life can be misattributed: an assistant that paraphrases
+            # the user's facts back ("great that you fixed the canoe") must not veto them.
+            rival = np.array([t.speaker != p.speaker and t.speaker in targets for t in turns])
+            if not self.compact and self.cfg.guards and own.any() and rival.any() \
+                    and row[rival].max() > row[own].max() + self.cfg.speaker_margin:
                 stats.dropped["other_speakers_turns"] += 1
                 continue
             kept.append(p)
