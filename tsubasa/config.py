@@ -147,8 +147,8 @@ class MemoryConfig(BaseModel):
     evolve.merge_problem: a merge keeps both texts and adds nothing). Off accepts every parsed line
     and merge, for writers trusted to be faithful."""
     speaker_margin: float = Field(0.1, ge=0.0, le=2.0)
-    """Speaker check: an observation more similar (by this margin) to another speaker's turns than to
-    its own speaker's is dropped as misattributed."""
+    """Speaker check: an observation more similar (by this margin) to another target speaker's turns
+    than to its own speaker's is dropped as misattributed (an assistant's turns never veto)."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> MemoryConfig:

@@ -132,8 +132,18 @@ def start_ray(settings: Settings) -> bool:
         ray.init(address=sc.ray_address, log_to_driver=False)
         return True
     want = sc.llm_num_cpus * sc.llm_replicas + 0.25 * sc.gateway_replicas + 1
-    ray.init(num_cpus=sc.ray_num_cpus or max(os.cpu_count() or 1, int(want + 0.999)), include_dashboard=False,
-             log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    kw = dict(num_cpus=sc.ray_num_cpus or max(os.cpu_count() or 1, int(want + 0.999)), include_dashboard=False,
+              log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    try:
+        ray.init(**kw)
+    except Exception as exc:
+        # Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded 2-core machine the
+        # first start after another cluster's shutdown once missed it (all e2e set-ups then failed).
+        if "timed out during startup" not in str(exc):
+            raise
+        log.warning("Ray's node did not start in time (%s); starting it once more", exc)
+        ray.shutdown()
+        ray.init(**kw)
     return True
 
 
