@@ -6,6 +6,7 @@ a Ray Serve ingress deployment in front of the LLM deployment.
     POST   /v1/events             batch of user events (turns, session ends) -> the memory writer
     GET    /v1/users/{user_id}    what is stored and pending for a user
     DELETE /v1/users/{user_id}    forget a user (idempotent)
+    GET    /inspect               the memory inspector page (+ its JSON routes: services/serve/inspector)
     GET    /healthz               liveness/readiness
     GET    /metrics               Prometheus
 """
@@ -26,6 +27,8 @@ from services.serve import metrics
 from services.serve.auth import APIKeyAuth
 from services.serve.deps import gateway_service, request_tenant
 from services.serve.errors import error_response, install_error_handlers
+from services.serve.inspector.router import router as inspector_router
+from services.serve.inspector.service import MemoryInspector
 from services.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -163,8 +166,10 @@ def create_app(service: GatewayService, auth: APIKeyAuth, on_forget: Any = None)
     app.state.service = service
     app.state.auth = auth
     app.state.on_forget = on_forget
+    app.state.inspector = MemoryInspector(service)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(inspector_router)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
