@@ -128,6 +128,7 @@ def inspector(tmp_path_factory, locomo_path):
     server.should_exit = True
     thread.join(timeout=30)
     service.sessions.close()
+    memory.store.close()
 
 
 def _get(inspector, path: str, tenant: str | None = "acme", **kw) -> httpx.Response:
