@@ -1,6 +1,6 @@
 """The memory inspector end to end: the gateway's FastAPI app (`create_app`, the app the Serve ingress
 serves) on uvicorn, real Milvus Lite, the real embedder, the tiny-qwen3 tokenizer counting tokens, the
-real adapter registry; LoCoMo conv-26 sessions 1-2 posted through `POST /v1/events` and evolved by
+real adapter registry; LoCoMo conv-26 sessions 1-4 posted through `POST /v1/events` and evolved by
 the real MemoryWriter, whose *model* replies are scripted (tiny-qwen3 has random weights). Then the
 JSON endpoints, the tenancy rules, and the page itself driven in headless Chromium (Debian's
 `chromium` + `chromium-driver`; `make test` installs them where it can, the browser test skips
@@ -31,20 +31,21 @@ FACTS = {
     ("Caroline", "8 May, 2023"): ["Caroline went to a LGBTQ support group yesterday and it was so powerful.",
                                   "Caroline is keen on counseling or working in mental health."],
     ("Melanie", "8 May, 2023"): ["Melanie painted a lake sunrise last year."],
-    ("Caroline", "25 May, 2023"): ["Caroline is researching adoption agencies to give a loving home to kids.",
-                                   "Caroline finds raising awareness for mental health super rewarding."],
+    ("Caroline", "25 May, 2023"): ["Caroline is researching adoption agencies to give a loving home to kids."],
+    ("Caroline", "27 June, 2023"): ["Caroline is thinking of working with trans people and supporting their mental "
+                                    "health.", "Caroline went to an LGBTQ+ counseling workshop last Friday."],
 }
-MERGED = ("Caroline is keen on counseling or working in mental health and finds raising awareness for mental "
-          "health super rewarding.")
+MERGED = ("Caroline is keen on counseling or working in mental health and is thinking of working with trans "
+          "people, supporting their mental health.")
 
 
 def _model_reply(messages) -> str:
     text = messages[-1].content
-    if "Existing memories:" in text:  # a decision: UPDATE the counseling memory with session 2's fact
+    if "Existing memories:" in text:  # a decision: session 4's plan UPDATEs session 1's counseling memory
         new = text.split("New observation:", 1)[1]
         cands = re.findall(r"^(\d+)\. (.*)$", text.split("New observation:", 1)[0], re.M)
-        target = next((n for n, line in cands if "counseling" in line), None)
-        if "raising awareness" in new and target:
+        target = next((n for n, line in cands if "counseling or working" in line), None)
+        if "trans people" in new and target:
             return f"OPERATION: UPDATE {target}\nMEMORY: {MERGED}"
         return "OPERATION: ADD\nMEMORY:"
     for (speaker, day), lines in FACTS.items():
@@ -114,7 +115,7 @@ def inspector(tmp_path_factory, locomo_path):
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
-    _post_sessions(url, keys["acme"], "acme", [1, 2], locomo_path)
+    _post_sessions(url, keys["acme"], "acme", [1, 2, 3, 4], locomo_path)
     _post_sessions(url, keys["globex"], "globex", [1], locomo_path)  # the same user id, another person
     # The inspector reads manifests and the pointer, never weights: a placeholder file stands in for them.
     weights = tmp / "weights"
@@ -146,29 +147,29 @@ def test_json_shows_memories_history_provenance_and_sessions(inspector):
     assert users["tenant"] == "acme" and [u["user"] for u in users["items"]] == [USER]
     assert users["items"][0]["adapter"] == f"acme/{USER}/v0002"
     mems = _get(inspector, f"/v1/users/{USER}/memories").json()
-    assert mems["total"] == 4, mems  # 5 observations, one of which UPDATEd the counseling memory
+    assert mems["total"] == 5, mems  # 6 observations, one of which UPDATEd the counseling memory
     updated = next(m for m in mems["items"] if m["versions"] == 2)
     assert updated["text"] == MERGED and updated["last_op"] == "UPDATE"
     detail = _get(inspector, f"/v1/users/{USER}/memories/{updated['id']}").json()
     assert [(v["version"], v["op"]) for v in detail["history"]] == [(1, "ADD"), (2, "UPDATE")]
     assert "keen on counseling" in detail["history"][0]["observation"]["text"]
     assert detail["history"][0]["observation"]["session_id"] == "session_1"
-    assert "raising awareness" in detail["history"][1]["observation"]["text"]
+    assert "trans people" in detail["history"][1]["observation"]["text"]
+    assert detail["history"][1]["observation"]["session_id"] == "session_4"
     assert detail["history"][1]["observation"]["decision"]["op"] == "UPDATE"
     turns = detail["provenance"]
-    assert {t["session_id"] for t in turns} == {"session_1", "session_2"}, turns
+    assert {t["session_id"] for t in turns} == {"session_1", "session_4"}, turns
     assert any("counseling" in t["text"] and t["session_date"] == "1:56 pm on 8 May, 2023" for t in turns)
-    assert any(t["session_date"] == "1:14 pm on 25 May, 2023" for t in turns)
+    assert any("trans people" in t["text"] and t["session_date"] == "10:37 am on 27 June, 2023" for t in turns)
     assert not detail["missing_sources"]
 
     sessions = _get(inspector, f"/v1/users/{USER}/sessions").json()
     assert [(s["session_id"], s["turns"], s["state"]) for s in sessions["items"]] == [
-        ("session_1", 18, "done"), ("session_2", 17, "done")]
-    s2 = _get(inspector, f"/v1/users/{USER}/sessions/session_2").json()
-    assert len(s2["turns"]) == 17 and s2["turns"][0]["source_id"] == "D2:1"
-    obs = {o["text"]: o for o in s2["observations"]}
-    assert obs[FACTS[("Caroline", "25 May, 2023")][1]]["memory_id"] == updated["id"]
-    assert obs[FACTS[("Caroline", "25 May, 2023")][1]]["memory_version"] == 2
+        ("session_1", 18, "done"), ("session_2", 17, "done"), ("session_3", 23, "done"), ("session_4", 18, "done")]
+    s4 = _get(inspector, f"/v1/users/{USER}/sessions/session_4").json()
+    assert len(s4["turns"]) == 18 and s4["turns"][0]["source_id"] == "D4:1"
+    plan = next(o for o in s4["observations"] if "trans people" in o["text"])
+    assert (plan["memory_id"], plan["memory_version"], plan["decision"]["op"]) == (updated["id"], 2, "UPDATE")
 
     adapters = _get(inspector, f"/v1/users/{USER}/adapters").json()
     assert adapters["current"] == f"acme/{USER}/v0002"
@@ -182,7 +183,7 @@ def test_pages_walk_every_item_once(inspector):
         assert page["limit"] == 1 and len(page["items"]) == 1
         seen.append(page["items"][0]["id"])
         offset = page["next_offset"]
-    assert len(seen) == len(set(seen)) == page["total"] == 4
+    assert len(seen) == len(set(seen)) == page["total"] == 5
     page = _get(inspector, f"/v1/users/{USER}/sessions/session_1", params={"limit": 5, "offset": 15}).json()
     assert [t["source_id"] for t in page["turns"]] == ["D1:16", "D1:17", "D1:18"] and page["next_offset"] is None
 
@@ -280,7 +281,7 @@ def test_page_in_headless_chromium(inspector, browser, tmp_path):
     use_key(keys["acme"])
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, f'#users a[data-user="{USER}"]'))
     d.find_element(By.CSS_SELECTOR, f'#users a[data-user="{USER}"]').send_keys(Keys.ENTER)  # the keyboard
-    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#memories li.memory")) == 4)
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#memories li.memory")) == 5)
     assert d.current_url.endswith(f"/inspect/users/{USER}") and not by_id("error").is_displayed()
     assert d.execute_script("return [...document.querySelectorAll('input, select')].every(e => e.labels.length)")
 
@@ -291,18 +292,18 @@ def test_page_in_headless_chromium(inspector, browser, tmp_path):
     history.find_element(By.TAG_NAME, "summary").send_keys(Keys.ENTER)
     wait.until(lambda _: "v2 UPDATE" in history.text)
     assert history.get_attribute("open") is not None and "v1 ADD" in history.text
-    assert "keen on counseling" in history.text and "raising awareness" in history.text
-    assert "decision UPDATE" in history.text and "session_2" in history.text
+    assert "keen on counseling" in history.text and "trans people" in history.text
+    assert "decision UPDATE" in history.text and "session_4" in history.text
     provenance = memory.find_element(By.CSS_SELECTOR, "details.provenance")
     provenance.find_element(By.TAG_NAME, "summary").send_keys(Keys.SPACE)
     wait.until(lambda _: "8 May, 2023" in provenance.text)
-    assert "25 May, 2023" in provenance.text and "I'm keen on counseling" in provenance.text
+    assert "27 June, 2023" in provenance.text and "working with trans people" in provenance.text
 
-    d.find_element(By.CSS_SELECTOR, 'button[data-session="session_2"]').send_keys(Keys.ENTER)
+    d.find_element(By.CSS_SELECTOR, 'button[data-session="session_4"]').send_keys(Keys.ENTER)
     wait.until(lambda _: by_id("session").is_displayed() and len(by_id("session-turns").find_elements(
-        By.TAG_NAME, "li")) == 17)
-    assert "Researching adoption agencies" in by_id("session-turns").text
-    assert "raising awareness" in by_id("session-obs").text and "v2" in by_id("session-obs").text
+        By.TAG_NAME, "li")) == 18)
+    assert "looking into counseling and mental health as a career" in by_id("session-turns").text
+    assert "trans people" in by_id("session-obs").text and "v2" in by_id("session-obs").text
     rows = by_id("adapters").find_elements(By.CSS_SELECTOR, "tbody tr")
     assert len(rows) == 2 and rows[0].text.startswith(f"acme/{USER}/v0002 current")
     assert rows[1].text.startswith(f"acme/{USER}/v0001") and "current" not in rows[1].text
