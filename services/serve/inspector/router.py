@@ -22,7 +22,6 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import HTMLResponse
 
 from services.serve.deps import gateway_service, request_tenant
-from services.serve.errors import APIError
 from services.serve.inspector.page import INSPECTOR_PAGE
 from services.serve.inspector.protocol import (
     MAX_LIMIT,
@@ -59,12 +58,9 @@ def _page(request: Request, user_id: str | None, authorization: str | None, x_ap
     key (and, for a user's page, a user of its tenant), the JSON 401/403/400 otherwise. A browser
     navigation carries no key: it gets 401 with the shell as the body, which asks for the key and
     sends it on every JSON request; the shell itself holds no data."""
-    try:
-        tenant = request_tenant(request, authorization, x_api_key)
-    except APIError:
-        if authorization is None and x_api_key is None:
-            return INSPECTOR_PAGE.response(401)
-        raise
+    if authorization is None and x_api_key is None:  # a navigation, not a refused key (kept out of the metric)
+        return INSPECTOR_PAGE.response(401)
+    tenant = request_tenant(request, authorization, x_api_key)
     if user_id is not None:
         gateway_service(request).resolve_user(tenant, user_id, "user_id")
     return INSPECTOR_PAGE.response(200)
