@@ -6,6 +6,7 @@ a Ray Serve ingress deployment in front of the LLM deployment.
     POST   /v1/events             batch of user events (turns, session ends) -> the memory writer
     GET    /v1/users/{user_id}    what is stored and pending for a user
     DELETE /v1/users/{user_id}    forget a user (idempotent)
+    GET    /inspect               the memory inspector page (+ its JSON routes: services/serve/inspector)
     GET    /healthz               liveness/readiness
     GET    /metrics               Prometheus
 """
@@ -23,8 +24,11 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.serve import metrics
-from services.serve.auth import APIKeyAuth, AuthError
-from services.serve.errors import APIError, error_response, install_error_handlers
+from services.serve.auth import APIKeyAuth
+from services.serve.deps import gateway_service, request_tenant
+from services.serve.errors import error_response, install_error_handlers
+from services.serve.inspector.router import router as inspector_router
+from services.serve.inspector.service import MemoryInspector
 from services.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -41,23 +45,11 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def _svc(request: Request) -> GatewayService:
-    return request.app.state.service
-
-
-def _tenant(request: Request, authorization: str | None, x_api_key: str | None) -> str:
-    try:
-        return request.app.state.auth.tenant_for(authorization, x_api_key)
-    except AuthError as exc:
-        metrics.REJECTED.labels("auth").inc()
-        raise APIError(401, str(exc), "invalid_api_key") from None
-
-
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
-    tenant = _tenant(request, authorization, x_api_key)
-    chat = await _svc(request).chat(tenant, body)  # errors are raised here, before the first byte
+    tenant = request_tenant(request, authorization, x_api_key)
+    chat = await gateway_service(request).chat(tenant, body)  # errors are raised here, before the first byte
     if not body.stream:
         return await chat.complete()
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -83,22 +75,22 @@ class ReleasingStream(StreamingResponse):
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request, authorization: str | None = Header(None),
                       x_api_key: str | None = Header(None)):
-    tenant = _tenant(request, authorization, x_api_key)
-    return await asyncio.to_thread(_svc(request).models, tenant)
+    tenant = request_tenant(request, authorization, x_api_key)
+    return await asyncio.to_thread(gateway_service(request).models, tenant)
 
 
 @router.post("/v1/events", response_model=EventsResponse)
 async def post_events(body: EventsRequest, request: Request, authorization: str | None = Header(None),
                       x_api_key: str | None = Header(None)):
-    tenant = _tenant(request, authorization, x_api_key)
-    return await asyncio.to_thread(_svc(request).post_events, tenant, body)
+    tenant = request_tenant(request, authorization, x_api_key)
+    return await asyncio.to_thread(gateway_service(request).post_events, tenant, body)
 
 
 @router.get("/v1/users/{user_id}", response_model=UserStatus)
 async def user_status(user_id: str, request: Request, authorization: str | None = Header(None),
                       x_api_key: str | None = Header(None)):
-    tenant = _tenant(request, authorization, x_api_key)
-    svc = _svc(request)
+    tenant = request_tenant(request, authorization, x_api_key)
+    svc = gateway_service(request)
     user = svc.resolve_user(tenant, user_id, "user_id")
     return await asyncio.to_thread(svc.user_status, tenant, user)
 
@@ -106,8 +98,8 @@ async def user_status(user_id: str, request: Request, authorization: str | None 
 @router.delete("/v1/users/{user_id}", response_model=ForgetResponse)
 async def forget_user(user_id: str, request: Request, authorization: str | None = Header(None),
                       x_api_key: str | None = Header(None)):
-    tenant = _tenant(request, authorization, x_api_key)
-    svc = _svc(request)
+    tenant = request_tenant(request, authorization, x_api_key)
+    svc = gateway_service(request)
     user = svc.resolve_user(tenant, user_id, "user_id")
     result = await asyncio.to_thread(svc.forget, tenant, user)
     hook = getattr(request.app.state, "on_forget", None)
@@ -118,7 +110,7 @@ async def forget_user(user_id: str, request: Request, authorization: str | None 
 
 @router.get("/healthz")
 async def healthz(request: Request):
-    svc = _svc(request)
+    svc = gateway_service(request)
     return {"status": "ok", "model": svc.base_model, "engine": svc.settings.model.engine,
             "running": svc.admission.running, "waiting": svc.admission.waiting}
 
@@ -174,8 +166,10 @@ def create_app(service: GatewayService, auth: APIKeyAuth, on_forget: Any = None)
     app.state.service = service
     app.state.auth = auth
     app.state.on_forget = on_forget
+    app.state.inspector = MemoryInspector(service)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(inspector_router)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):

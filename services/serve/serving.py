@@ -26,6 +26,7 @@ from services.serve.protocol import (
     ModelCard,
     ModelList,
     Personalisation,
+    TsubasaOptions,
     Usage,
     UserStatus,
 )
@@ -174,22 +175,24 @@ class GatewayService:
                  ) -> tuple[AdapterVersion | None, Grounding, list[ChatMessage], float]:
         t0 = time.perf_counter()
         version = self.resolve_adapter(tenant, user, req.model, req.tsubasa.adapter)
-        opts = req.tsubasa
-        if not opts.memory:
-            k = 0
-        elif opts.top_k is not None:
-            k = opts.top_k
-        elif version is not None:
-            k = version.manifest.grounding_k  # serve with the grounding the adapter was trained with
-        else:
-            k = self.settings.memory.top_k
-        question = req.messages[-1].content
-        if k > 0:
-            grounding = self.memory.retriever.retrieve(tenant, user, question, k=k)
-        else:
-            grounding = Grounding(source="memories", items=[], text="", tokens=0)
+        grounding = self.ground(tenant, user, req.messages[-1].content, self.grounding_k(version, req.tsubasa))
         messages = build_messages(req.messages, grounding)
         return version, grounding, messages, (time.perf_counter() - t0) * 1000
+
+    def grounding_k(self, version: AdapterVersion | None, opts: TsubasaOptions) -> int:
+        """Memories to ground on: none with memory off, else the request's top_k, else the adapter's
+        training k (serve with the grounding it was trained with), else memory.top_k."""
+        if not opts.memory:
+            return 0
+        if opts.top_k is not None:
+            return opts.top_k
+        return version.manifest.grounding_k if version is not None else self.settings.memory.top_k
+
+    def ground(self, tenant: str, user: str, question: str, k: int, source: str = "memories") -> Grounding:
+        """The top-k grounding of a question and its size in the serving model's tokens (blocking)."""
+        if k <= 0:
+            return Grounding(source=source, items=[], text="", tokens=0)  # type: ignore[arg-type]
+        return self.memory.retriever.retrieve(tenant, user, question, k=k, source=source)
 
     def sampling(self, req: ChatCompletionRequest) -> SamplingParams:
         cap = self.settings.serve.max_completion_tokens

@@ -223,6 +223,24 @@ def test_every_cross_tenant_attempt_is_refused(stack):
     assert not any("hates" in t for t in texts)
 
 
+def test_inspector_search_through_serve_is_what_chat_is_grounded_on(stack):
+    """The memory inspector's routes through the Serve ingress: its search returns the memories and
+    token count a chat answer is grounded on; its page and JSON keep the tenancy rules."""
+    url, h = stack["url"], {"Authorization": f"Bearer {stack['keys']['acme']}"}
+    g = {"Authorization": f"Bearer {stack['keys']['globex']}"}
+    question = "What pet or hobby do I have?"
+    chat = _ask(stack["clients"]["acme"], "alice", question, max_tokens=4)
+    found = httpx.post(f"{url}/v1/users/alice/search", headers=h, json={"query": question}).json()
+    assert [m["id"] for m in chat.tsubasa["memories"]] == [it["id"] for it in found["items"]]
+    assert found["tokens"] == chat.usage.memory_tokens > 0 and found["adapter"] == chat.tsubasa["adapter"]
+    mems = httpx.get(f"{url}/v1/users/alice/memories", headers=h).json()
+    assert {m["id"] for m in mems["items"]} == stack["memory_ids"][("acme", "alice")]
+    assert httpx.get(f"{url}/inspect/users/alice").status_code == 401
+    assert httpx.get(f"{url}/inspect/users/acme:alice", headers=g).status_code == 403
+    assert httpx.get(f"{url}/v1/users/acme:alice/memories", headers=g).status_code == 403
+    assert httpx.get(f"{url}/inspect/users/alice", headers=h).status_code == 200
+
+
 def test_bad_requests_get_clear_4xx(stack):
     url, key = stack["url"], stack["keys"]["acme"]
     h = {"Authorization": f"Bearer {key}"}

@@ -154,3 +154,35 @@ def test_a_lite_file_held_by_another_process_is_a_clear_error(tmp_path, settings
         assert s.counts() == {}
     finally:
         s.close()
+
+
+def test_inspection_reads_stay_inside_one_user(store, embedder):
+    """The inspector's reads: turns by source id (a filter literal for plain ids, a Python match for
+    ids a literal cannot carry), a user's history, session summaries; never another tenant's rows."""
+    from tsubasa.schema import Observation
+
+    mine = _turns("acme", "u1", ["I adopted a dog named Max.", "We went hiking.", 'He said "hi" \\ bye.'])
+    mine[2] = mine[2].model_copy(update={"source_id": 'D1:"2"\\'})
+    theirs = _turns("globex", "u1", ["I collect stamps."])
+    for ts in (mine, theirs):
+        store.upsert_turns(ts, embedder.embed([t.text for t in ts]))
+    assert [t.text for t in store.turns_by_source("acme", "u1", ["D1:1", "D1:0", "D1:9"])] == [
+        "I adopted a dog named Max.", "We went hiking."]
+    assert [t.event_id for t in store.turns_by_source("acme", "u1", ['D1:"2"\\', "D1:0"])] == ["s1-e0", "s1-e2"]
+    assert store.turns_by_source("globex", "u1", ["D1:1"]) == []
+    assert [(s.session_id, s.turns, s.state) for s in store.sessions("acme", "u1")] == [("s1", 3, "open")]
+    store.set_session_state("acme", "u1", "s1", "done", 1)
+    assert [(s.state, s.observations) for s in store.sessions("acme", "u1")] == [("done", 1)]
+
+    obs = Observation(observation_id="o1", tenant_id="acme", user_id="u1", session_id="s1", speaker="Ann",
+                      text="Ann adopted a dog named Max.", source_ids=["D1:0"])
+    store.upsert_observations([obs], embedder.embed([obs.text]))
+    assert [s.observation.text for s in store.get_observations("acme", "u1", ["o1", "o-none"])] == [obs.text]
+    assert store.get_observations("globex", "u1", ["o1"]) == []  # an id alone reaches nothing
+    vec = embedder.embed([obs.text])[0]
+    store.write_memory(_mem("acme", "u1", "m1", obs.text), vec, EvolutionOp.ADD, "o1")
+    store.write_memory(_mem("acme", "u1", "m1", obs.text + " He is a beagle.", version=2), vec,
+                       EvolutionOp.UPDATE, "o2")
+    assert [(v.version, v.op, v.observation_id) for v in store.user_history("acme", "u1")] == [
+        (1, EvolutionOp.ADD, "o1"), (2, EvolutionOp.UPDATE, "o2")]
+    assert store.user_history("globex", "u1") == []

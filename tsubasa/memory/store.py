@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,21 @@ class StoredObservation:
     vector: np.ndarray
     decision: EvolutionDecision | None
     applied: bool
+
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    session_date: str
+    turns: int
+    first_at: datetime
+    last_at: datetime
+    state: str = "open"  # "open" (no marker yet) | "extracted" | "done"
+    observations: int = 0
+
+
+_SOURCE_ID = re.compile(r"^[A-Za-z0-9_.@:/+-]{1,128}$")
+"""Source ids that can be put inside a quoted filter literal as they are (no quotes or backslashes)."""
 
 
 @dataclass
@@ -322,6 +338,51 @@ class MilvusStore(MilvusCollections):
                 self.client.delete(name, filter=flt)
             deleted[key] = n
         return deleted
+
+    # ---- reading for inspection (the gateway's memory inspector) -------------------------------
+    def get_observations(self, tenant_id: str, user_id: str, ids: Sequence[str]) -> list[StoredObservation]:
+        """The stored observations with these ids that belong to this user (others are simply absent)."""
+        if not ids:
+            return []
+        rows = self.client.get(self.names[OBSERVATIONS], ids=list(dict.fromkeys(ids)),
+                               output_fields=[*self._OBS_FIELDS, "vec"])
+        return [StoredObservation(self._obs(r), np.asarray(r["vec"], dtype=np.float32),
+                                  EvolutionDecision.model_validate_json(r["decision"]) if r["decision"] else None,
+                                  bool(r["applied"])) for r in rows
+                if r["tenant_id"] == tenant_id and r["user_id"] == user_id]
+
+    def turns_by_source(self, tenant_id: str, user_id: str, source_ids: Sequence[str]) -> list[Turn]:
+        """A user's turns whose `source_id` is one of `source_ids` (provenance), in conversation order."""
+        wanted = list(dict.fromkeys(source_ids))
+        if not wanted:
+            return []
+        if all(_SOURCE_ID.fullmatch(s) for s in wanted):  # safe inside a quoted filter literal
+            listed = ", ".join(f'"{s}"' for s in wanted)
+            rows = self._query_all(TURNS, f"{scope_filter(tenant_id, user_id)} and source_id in [{listed}]",
+                                   self._TURN_FIELDS)
+            turns = [self._turn(r) for r in rows]
+        else:  # a source id a filter literal cannot carry: match in Python instead
+            turns = [t for t in self.list_turns(tenant_id, user_id) if t.source_id in set(wanted)]
+        return sorted(turns, key=lambda t: (t.timestamp, t.seq, t.event_id))
+
+    def user_history(self, tenant_id: str, user_id: str) -> list[MemoryVersion]:
+        """Every version of every memory of one user, by memory then version."""
+        rows = self._query_all(HISTORY, scope_filter(tenant_id, user_id), self._HIST_FIELDS)
+        return sorted((self._version(r) for r in rows), key=lambda v: (v.memory_id, v.version))
+
+    def sessions(self, tenant_id: str, user_id: str) -> list[SessionInfo]:
+        """One user's sessions (from the turn log and the session markers), oldest first."""
+        flt = scope_filter(tenant_id, user_id)
+        info: dict[str, SessionInfo] = {}
+        for r in self._query_all(TURNS, flt, ["session_id", "session_date", "ts"]):
+            at = _from_ms(r["ts"])
+            s = info.setdefault(r["session_id"], SessionInfo(r["session_id"], r["session_date"], 0, at, at))
+            s.turns += 1
+            s.first_at, s.last_at = min(s.first_at, at), max(s.last_at, at)
+        for r in self._query_all(SESSIONS, flt, ["session_id", "state", "n"]):
+            if r["session_id"] in info:
+                info[r["session_id"]].state, info[r["session_id"]].observations = r["state"], r["n"]
+        return sorted(info.values(), key=lambda s: (s.first_at, s.session_id))
 
     def users(self, tenant_id: str) -> list[str]:
         rows = self._query_all(TURNS, scope_filter(tenant_id), ["user_id"])
