@@ -132,7 +132,17 @@ class MemoryConfig(BaseModel):
     """If the nearest memory is less similar than this, ADD without asking the LLM."""
     ignore_above_similarity: float = Field(0.97, ge=-1.0, le=1.0)
     """If the nearest memory is at least this similar, IGNORE without asking the LLM."""
+    merge_min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
+    """With `guards`: an UPDATE or RECONCILE of a memory less similar than this to the observation is
+    ADDed instead (a 1.5B manager concatenated unrelated facts into one memory, which then crowded
+    retrieval: measured on LoCoMo conv-26)."""
     max_observations_per_session: int = Field(20, ge=1, le=200)
+    """Most observations kept per target speaker and session."""
+    extract_window_turns: int = Field(0, ge=0, le=1000)
+    """Turns the writer reads per extraction call: a longer session is read in consecutive windows of
+    this many turns (each speaker asked about each window they speak in), so a small writer sees
+    short transcripts and each observation's provenance is sought among nearby turns. 0 = the whole
+    session in one call per speaker."""
     extract_prompt: Literal["auto", "full", "compact"] = "auto"
     """`full` (rules, dates, turn ids; for Qwen3-class models) or `compact` (for tiny CPU models);
     `auto` picks compact for the built-in small models."""

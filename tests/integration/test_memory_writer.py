@@ -236,3 +236,63 @@ def test_speaker_check_vetoes_another_target_speakers_fact_not_an_assistants_ech
                               embedder, MemoryConfig(target_speakers=["Caroline", "assistant"]))
     obs, stats = ex.extract(chat)
     assert obs == [] and stats.dropped["other_speakers_turns"] == 1
+
+
+def two_speaker_session(tenant, user, sid, lines):
+    """A session whose turns alternate Caroline / Melanie (lines given in order)."""
+    evs = [Event(event_id=f"{sid}-{i}", tenant_id=tenant, user_id=user, session_id=sid,
+                 timestamp=T0 + timedelta(seconds=i), speaker=("Caroline", "Melanie")[i % 2], text=text,
+                 source_id=f"{sid}:{i}") for i, text in enumerate(lines)]
+    evs.append(Event(event_id=f"{sid}-end", tenant_id=tenant, user_id=user, session_id=sid,
+                     timestamp=T0 + timedelta(seconds=99), kind=EventKind.SESSION_END))
+    return evs
+
+
+def test_windowed_extraction_asks_per_window_and_keeps_provenance_near(store, embedder):
+    lines = ["I adopted a puppy named Max last week.", "Lovely! Dogs are great company.",
+             "Max loves chasing squirrels in the park.", "Haha, squirrels are fast.",
+             "I started learning the violin yesterday.", "Music is such a joy.",
+             "My violin teacher is called Anna.", "She sounds kind."]
+
+    def reply(prompt):
+        text = prompt[-1].content
+        if "Existing memories:" in text:
+            return "OPERATION: ADD\nMEMORY:"
+        if "tells about Caroline" not in text:
+            return ""
+        if "violin" in text.split("List what")[0]:
+            return ("- Caroline started learning the violin.\n- Caroline adopted a puppy named Max.\n"
+                    "- Caroline's violin teacher is called Anna.")
+        return "- Caroline adopted a puppy named Max.\n- Caroline's dog Max loves chasing squirrels in the park."
+
+    engine = ScriptedEngine(reply)
+    cfg = MemoryConfig(extract_window_turns=4, mode="static")
+    w = MemoryWriter(store, embedder, engine, cfg)
+    w.ingest(two_speaker_session("acme", "caro", "s1", lines))
+    asks = [p for p in engine.prompts if is_extraction(p)]
+    assert len(asks) == 4  # two windows x two speakers, each prompt holding only its window's turns
+    assert all(sum(line in p[-1].content for line in lines) == 4 for p in asks)
+    obs = {o.text: o.source_ids for o in store.list_observations("acme", "caro")}
+    # the second window repeats the puppy: dropped as a repeat across windows of one session
+    assert sorted(obs) == sorted(["Caroline adopted a puppy named Max.",
+                                  "Caroline's dog Max loves chasing squirrels in the park.",
+                                  "Caroline started learning the violin.",
+                                  "Caroline's violin teacher is called Anna."])
+    # provenance is sought inside the window the line came from
+    assert set(obs["Caroline started learning the violin."]) <= {"s1:4", "s1:5", "s1:6", "s1:7"}
+    assert set(obs["Caroline adopted a puppy named Max."]) <= {"s1:0", "s1:1", "s1:2", "s1:3"}
+
+
+def test_merge_into_a_dissimilar_memory_is_added_instead(store, embedder):
+    seeded(store, embedder, forced_llm_cfg())  # "Caroline lives in Boston with her partner and two cats."
+    replies = Replies({"Conversation between": "- Caroline ran a charity marathon for mental health."}, [
+        "OPERATION: UPDATE 1\nMEMORY: Caroline lives in Boston with her partner and two cats and ran a charity "
+        "marathon for mental health."])
+    w = MemoryWriter(store, embedder, ScriptedEngine(replies), forced_llm_cfg(guards=True, merge_min_similarity=0.5))
+    _, results = w.ingest(session("acme", "caro", "s1", 0, ["I ran a charity marathon for mental health!"]))
+    texts = sorted(m.text for m in store.list_memories("acme", "caro"))
+    assert texts == ["Caroline lives in Boston with her partner and two cats.",
+                     "Caroline ran a charity marathon for mental health."]
+    assert results[0].fallbacks == 1 and replies.n_decide == 1
+    (o,) = [o for o in store.session_observations("acme", "caro", "s1")]
+    assert o.decision.op == EvolutionOp.ADD and "target similarity" in o.decision.reason

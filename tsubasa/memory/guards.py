@@ -68,6 +68,12 @@ class ObservationGuard:
         self.names = {w.lower() for s in {speaker, *self.others} for w in s.split()}
         self._own_words = content_words(" ".join(t.text for t in turns if t.speaker == speaker))
         self._repeats = 0
+        self.kept: list[set[str]] = []
+        """Content words of every line kept so far for this speaker (all replies of the session)."""
+
+    def new_reply(self) -> None:
+        """Start checking another reply of the same session (a loop is counted per reply)."""
+        self._repeats = 0
 
     def subject(self, text: str) -> str | None:
         """The text with the target as its subject, or None when it is about another speaker."""

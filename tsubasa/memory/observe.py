@@ -135,6 +135,9 @@ def parse_observations(raw: str, known_ids: Sequence[str], report_date: date | N
     stats.lines += len(candidates)
     out: list[ParsedObservation] = []
     kept_words: list[set[str]] = []
+    if guard is not None:
+        guard.new_reply()
+        kept_words = guard.kept  # repeats are caught across the windows of one session
     seen = seen if seen is not None else set()
     for text, when, ids in candidates:
         text = _clean_text(text)
@@ -210,7 +213,7 @@ class ObservationExtractor:
             return getattr(self.engine, "model_name", "") in SMALL_MODELS
         return self.cfg.extract_prompt == "compact"
 
-    def prompt(self, turns: Sequence[Turn], speaker: str, report_date: date | None):
+    def prompt(self, turns: Sequence[Turn], speaker: str, report_date: date | None, max_items: int | None = None):
         rd = report_date.isoformat() if report_date else "unknown"
         if self.compact:
             text = "\n".join(f"{t.speaker}: {t.text}" for t in turns)
@@ -222,12 +225,24 @@ class ObservationExtractor:
             speakers=" and ".join(dict.fromkeys(t.speaker for t in turns)),
             session_date=human_date(report_date) if report_date else "an unknown date",
             transcript="\n".join(f"{t.speaker}: {t.text}" for t in turns),
-            max_items=self.cfg.max_observations_per_session, speaker=speaker,
+            max_items=max_items or self.cfg.max_observations_per_session, speaker=speaker,
             others=" or ".join(others) or "anyone else")
         return msgs(("system", prompts.EXTRACT_SYSTEM), ("user", user))
 
+    def windows(self, turns: Sequence[Turn]) -> list[Sequence[Turn]]:
+        """The session cut into consecutive windows of `extract_window_turns` turns (a short last
+        window joins the one before it), or the whole session when windows are off."""
+        n = self.cfg.extract_window_turns
+        if n <= 0 or len(turns) <= n:
+            return [turns]
+        cuts = list(range(0, len(turns), n))
+        if len(cuts) > 1 and len(turns) - cuts[-1] < n // 2:
+            cuts.pop()
+        return [turns[a:b] for a, b in zip(cuts, [*cuts[1:], len(turns)], strict=True)]
+
     def extract(self, turns: Sequence[Turn]) -> tuple[list[Observation], ExtractionStats]:
-        """Observations of one session (all target speakers), with provenance."""
+        """Observations of one session (all target speakers), with provenance: one batched LLM call
+        with a prompt per (window, target speaker who speaks in it)."""
         stats = ExtractionStats()
         if not turns:
             return [], stats
@@ -236,28 +251,45 @@ class ObservationExtractor:
         speakers = self.speakers(turns)
         if not speakers:
             return [], stats
+        jobs = [(w, s) for w in self.windows(turns) for s in speakers if any(t.speaker == s for t in w)]
+        cap = self.cfg.max_observations_per_session
         replies = self.engine.generate(
-            [self.prompt(turns, s, report_date) for s in speakers],
+            [self.prompt(w, s, report_date, self._max_items(w, s)) for w, s in jobs],
             SamplingParams(max_new_tokens=self.cfg.extract_max_new_tokens))
         known = [t.source_id for t in turns]
         all_speakers = list(dict.fromkeys(t.speaker for t in turns))
+        guards = {s: None if self.compact or not self.cfg.guards else ObservationGuard(turns, s) for s in speakers}
+        per_speaker: Counter = Counter()
         parsed: list[ParsedObservation] = []
         seen: set[str] = set()
-        for speaker, reply in zip(speakers, replies, strict=True):
-            guard = None if self.compact or not self.cfg.guards else ObservationGuard(turns, speaker)
-            for p in parse_observations(reply.text, known, report_date, speaker,
-                                        self.cfg.max_observations_per_session, stats, all_speakers, seen, guard):
+        for (window, speaker), reply in zip(jobs, replies, strict=True):
+            found = []
+            for p in parse_observations(reply.text, known, report_date, speaker, cap, stats, all_speakers, seen,
+                                        guards[speaker]):
                 p.speaker = p.speaker or speaker
-                parsed.append(p)
-        parsed = self._attribute(parsed, turns, stats)
+                if per_speaker[p.speaker] >= cap:
+                    stats.dropped["over_cap"] += 1
+                    continue
+                per_speaker[p.speaker] += 1
+                found.append(p)
+            parsed.extend(self._attribute(found, window, stats))
+        stats.kept = len(parsed)
         obs = [Observation(
             observation_id=stable_id(first.tenant_id, first.user_id, first.session_id, p.speaker, str(i), prefix="o"),
             tenant_id=first.tenant_id, user_id=first.user_id, session_id=first.session_id, speaker=p.speaker,
             text=p.text, event_date=p.event_date, report_date=report_date, source_ids=p.source_ids,
             attributed=p.attributed, index=i) for i, p in enumerate(parsed)]
-        log.info("session %s: %d observations from %d lines (dropped %s)", first.session_id, len(obs),
-                 stats.lines, dict(stats.dropped))
+        log.info("session %s: %d observations from %d lines in %d calls (dropped %s)", first.session_id, len(obs),
+                 stats.lines, len(jobs), dict(stats.dropped))
         return obs, stats
+
+    def _max_items(self, window: Sequence[Turn], speaker: str) -> int:
+        """Lines asked for: the window's share of the per-session cap, at least 3 (a window of a few
+        turns asked for 20 lines invites invention)."""
+        if self.cfg.extract_window_turns <= 0:
+            return self.cfg.max_observations_per_session
+        own = sum(t.speaker == speaker for t in window)
+        return max(3, min(self.cfg.max_observations_per_session, own))
 
     def _attribute(self, parsed: list[ParsedObservation], turns: Sequence[Turn],
                    stats: ExtractionStats) -> list[ParsedObservation]:
@@ -291,5 +323,4 @@ class ObservationExtractor:
             p.source_ids = picked or [turns[int(order[0])].source_id]
             p.attributed = True
             stats.attributed += 1
-        stats.kept = len(kept)
         return kept
