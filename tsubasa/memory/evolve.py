@@ -194,6 +194,10 @@ class MemoryManager:
             return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason="UPDATE without text")
         if d.target is not None:
             d.text = _DATE_TAG.sub("", d.text).strip()
+            near = cands[d.target - 1].score
+            if self.cfg.guards and near is not None and near < self.cfg.merge_min_similarity:
+                return EvolutionDecision(op=EvolutionOp.ADD, fallback=True,
+                                         reason=f"{d.op.value}: target similarity {near:.2f}")
             if self.cfg.guards and (why := merge_problem(d.text, cands[d.target - 1].text, obs.text)) is not None:
                 return EvolutionDecision(op=EvolutionOp.ADD, fallback=True, reason=f"{d.op.value}: {why}")
         if d.target is not None and any(_norm(d.text) == _norm(m.text)
