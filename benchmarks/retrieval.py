@@ -20,6 +20,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tsubasa.config import MilvusConfig, ModelConfig
+from tsubasa.config import MilvusConfig, ModelConfig, load_settings
 from tsubasa.embed import load_embedder
 from tsubasa.eval.locomo import LocomoNotFoundError, load_locomo, session_events
 from tsubasa.llm.models import load_tokenizer
@@ -164,7 +165,13 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     print(f"elapsed {elapsed:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if args.memory_db:  # which writer made the memory: commit and settings (results are resumed across sessions)
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        writer = {"git": git.stdout.strip() or None, "memory": load_settings().memory.model_dump(mode="json"),
+                  "writer": load_settings().writer.model_dump(mode="json")}
     args.out.write_text(json.dumps({"ks": ks, "search": modes, "conversations": [c.sample_id for c in convs],
+                                    "writer": writer,
                                     "tokenizer": args.model, "memory_db": str(args.memory_db or ""),
                                     "summary": summary, "per_conversation": per_conv,
                                     "elapsed_s": elapsed, "command": " ".join(sys.argv)}, indent=2))
