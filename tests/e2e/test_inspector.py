@@ -26,14 +26,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
 USER = "conv-26"
 # What the scripted writer "extracts" per (speaker, session): each line states what that speaker says
-# in that session (the writer's guards check subject, support and speaker on them).
+# in that session (the writer's guards check subject, support and speaker on them), and is written
+# only from the part of the session that says it (the writer reads sessions in windows of turns),
+# as a faithful model would: (line, words of its source turn).
 FACTS = {
-    ("Caroline", "8 May, 2023"): ["Caroline went to a LGBTQ support group yesterday and it was so powerful.",
-                                  "Caroline is keen on counseling or working in mental health."],
-    ("Melanie", "8 May, 2023"): ["Melanie painted a lake sunrise last year."],
-    ("Caroline", "25 May, 2023"): ["Caroline is researching adoption agencies to give a loving home to kids."],
-    ("Caroline", "27 June, 2023"): ["Caroline is thinking of working with trans people and supporting their mental "
-                                    "health.", "Caroline went to an LGBTQ+ counseling workshop last Friday."],
+    ("Caroline", "8 May, 2023"): [
+        ("Caroline went to a LGBTQ support group yesterday and it was so powerful.", "support group yesterday"),
+        ("Caroline is keen on counseling or working in mental health.", "keen on counseling or")],
+    ("Melanie", "8 May, 2023"): [("Melanie painted a lake sunrise last year.", "lake sunrise last year")],
+    ("Caroline", "25 May, 2023"): [
+        ("Caroline is researching adoption agencies to give a loving home to kids.", "Researching adoption agencies")],
+    ("Caroline", "27 June, 2023"): [
+        ("Caroline is thinking of working with trans people and supporting their mental health.",
+         "working with trans people"),
+        ("Caroline went to an LGBTQ+ counseling workshop last Friday.", "counseling workshop")],
 }
 MERGED = ("Caroline is keen on counseling or working in mental health and is thinking of working with trans "
           "people, supporting their mental health.")
@@ -50,7 +56,8 @@ def _model_reply(messages) -> str:
         return "OPERATION: ADD\nMEMORY:"
     for (speaker, day), lines in FACTS.items():
         if f"tells about {speaker}:" in text and f"on {day.split(',')[0]}" in text:
-            return "\n".join(f"- {line}" for line in lines)
+            transcript = text.split(f"List what this conversation tells about {speaker}")[0]
+            return "\n".join(f"- {line}" for line, cue in lines if cue in transcript)
     return ""
 
 

@@ -91,5 +91,8 @@ def make_ingest_settings(tmp_path: Path, bootstrap: str, milvus_url: str, **kafk
     cfg = {"bootstrap_servers": bootstrap, "topic": f"events-{tag}", "dead_letter_topic": f"events-{tag}.dlq",
            "group_id": f"ingest-{tag}", "partitions": 4, "consumers": 2, "writers": 2, "max_retries": 1,
            "retry_backoff_s": 0.2, "commit_interval_s": 0.5, "session_idle_timeout_s": 2.0, **kafka}
+    # These tests count the writer's extraction calls per session (an LLM output is never asked for
+    # twice): one call per session, so the session is read whole. Windowed extraction, the default,
+    # has its own tests (test_memory_writer.py, the inspector and demo e2e on LoCoMo sessions).
     return load_settings(data_dir=tmp_path / "data", milvus={"uri": milvus_url, "collection_prefix": f"t{tag}"},
-                         kafka=cfg)
+                         kafka=cfg, memory={"extract_window_turns": 0})
