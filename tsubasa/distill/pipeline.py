@@ -5,6 +5,7 @@ Ray Data actor pool (the first two) and Ray Train workers (the last two).
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -143,13 +144,16 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
     cfg = settings.distill
     spec = spec or TrainSpec.from_config(cfg)
     registry = registry or registry_for(settings, spec)
-    engine = engine or load_engine(settings.model)
+    engine = engine or load_engine(settings.model, shared=False)  # not cached: freed after the teacher
     synth_engine = synth_engine_for(settings, engine)
     embedder = embedder or load_embedder(settings.embedder)
     store = store or MilvusStore(settings.milvus, uri=settings.milvus_uri)
     cache = JsonCache(f"{settings.distill_dir}/cache")
-    student: BatchedStudent | None = None
-    results = []
+    # Teacher first for every user, then the student: the teacher's copy of the model is released
+    # before the student loads its own (a 1.5B model in float32 is 7 GB; both at once, with the
+    # Serve replica's copy beside them, were OOM-killed on a 24 GB laptop in `tsubasa demo`).
+    results: list[UserResult | None] = []
+    datasets = []
     for tenant_id, user_id in users:
         label = f"{tenant_id}/{user_id}"
 
@@ -161,14 +165,22 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
         if not corpus.turns and not corpus.memories:
             results.append(UserResult(tenant_id=tenant_id, user_id=user_id, skipped="no turns or memories"))
             continue
-        dataset = prepare_dataset(engine, embedder, corpus, cfg, teacher_d(cfg, spec), cache,
-                                  batch_size=settings.model.batch_size, progress=cb, synth_engine=synth_engine)
-        if student is None:
-            student = BatchedStudent(settings.model, cfg, slots=1)
+        results.append(None)
+        datasets.append((tenant_id, user_id, cb, prepare_dataset(
+            engine, embedder, corpus, cfg, teacher_d(cfg, spec), cache, batch_size=settings.model.batch_size,
+            progress=cb, synth_engine=synth_engine)))
+    del engine, synth_engine  # ours is freed here (an engine the caller passed in stays theirs)
+    gc.collect()
+    student = BatchedStudent(settings.model, cfg, slots=1) if datasets else None
+    trained = iter(datasets)
+    for i, r in enumerate(results):
+        if r is not None:
+            continue
+        tenant_id, user_id, cb, dataset = next(trained)
         v = train_and_publish(student, dataset, spec, cfg, registry, progress=cb)
-        results.append(UserResult(tenant_id=tenant_id, user_id=user_id, version=v.version, adapter=v.name,
-                                  metrics=v.manifest.metrics, stats=dataset.stats))
-    return results
+        results[i] = UserResult(tenant_id=tenant_id, user_id=user_id, version=v.version, adapter=v.name,
+                                metrics=v.manifest.metrics, stats=dataset.stats)
+    return [r for r in results if r is not None]
 
 
 def synth_engine_for(settings: Settings, teacher: Engine) -> Engine:
