@@ -233,14 +233,17 @@ class MilvusCollections:
         results fused by reciprocal rank (`_score` is then the RRF score)."""
         dense = [np.asarray(vector, dtype=np.float32).tolist()]
         dense_flt = dense_flt or flt
+        param: dict[str, Any] = {"metric_type": "COSINE"}
+        if self.cfg.search_ef:
+            param["params"] = {"ef": max(self.cfg.search_ef, k)}
         if text is None or not self.bm25.get(key) or not text.strip():
             res = self.client.search(self.names[key], data=dense, filter=dense_flt, limit=k, output_fields=fields,
-                                     search_params={"metric_type": "COSINE"}, consistency_level=consistency)
+                                     search_params=param, consistency_level=consistency)
         else:
             from pymilvus import AnnSearchRequest, RRFRanker
 
             depth = max(k, self.cfg.hybrid_depth)
-            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param={"metric_type": "COSINE"}, limit=depth,
+            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param=param, limit=depth,
                                      expr=dense_flt),
                     AnnSearchRequest(data=[text], anns_field=SPARSE, param={"metric_type": "BM25"}, limit=depth,
                                      expr=flt)]
