@@ -117,8 +117,8 @@ class MilvusConfig(BaseModel):
     (Milvus computes it), for hybrid retrieval; collections made without one stay dense-only."""
     search_ef: int = Field(256, ge=0, le=32768)
     """HNSW search breadth (`ef`) of dense searches; 0 leaves the index default. A filtered search
-    for one user among 100k memories returned fewer than 3 hits in 13% of searches on Milvus Lite at
-    its default ef 64 (docs/benchmarks-store.md): the filter leaves too few graph neighbours."""
+    for one user among 100k memories returned fewer than 3 hits in a quarter of searches on Milvus
+    Lite at its default ef 64 (docs/benchmarks-store.md): the filter leaves too few graph neighbours."""
     hybrid_depth: int = Field(20, ge=1, le=1000)
     """Hybrid search: candidates taken from each of the dense and BM25 searches before fusing."""
     rrf_k: int = Field(60, ge=1, le=10_000)
