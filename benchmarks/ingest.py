@@ -6,8 +6,9 @@ Lite server; session writers run extraction + evolution with the LLM).
     .venv/bin/python benchmarks/ingest.py --events 4000 --session-users 6 --repeats 3 --out runs/ingest.json
 
 Raw log: `--events` turn events (no session ends, idle timeout off), produced after the actors are
-ready; the clock runs from the first produce until every turn is appended (embedding + Milvus
-upsert included). Sessions: `--session-users` users x `--sessions` sessions, each ending with a
+ready; the clock runs from the first produce until every turn is appended (Milvus upsert included;
+turns are embedded on arrival only with `--embed-turns`, the old default). `--session-users 0`
+skips the sessions figure. Sessions: `--session-users` users x `--sessions` sessions, each ending with a
 session_end event; the clock runs until every session is processed and committed.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,8 @@ def _settings(tmp: Path, bootstrap: str, milvus_url: str, tag: str, args, **kafk
            "group_id": f"bench-{tag}", "partitions": args.partitions, "consumers": args.consumers,
            "writers": args.writers, "commit_interval_s": 0.5, **kafka}
     return load_settings(data_dir=tmp / "data", model={"name": "tiny-qwen3"},
-                         milvus={"uri": milvus_url, "collection_prefix": f"b{tag}"}, kafka=cfg)
+                         milvus={"uri": milvus_url, "collection_prefix": f"b{tag}"}, kafka=cfg,
+                         memory={"embed_turns_on_ingest": args.embed_turns})
 
 
 def _run(settings, events, done, timeout_s: float) -> tuple[float, dict]:
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--embed-turns", action=argparse.BooleanOptionalAction, default=False,
+                    help="embed raw turns on arrival (memory.embed_turns_on_ingest)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest.json"))
     args = ap.parse_args()
 
@@ -80,14 +85,14 @@ def main() -> None:
     from local_services import MilvusLiteServer, TansuBroker
 
     load0 = os.getloadavg()[0]  # other work on a shared machine depresses the figures: recorded with them
+    uptime0 = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     per_session = max(2, args.events // max(1, args.users))
     raw = workload(users=args.users, sessions=1, per_session=per_session, prefix="r")
     raw_events = [e for e in raw.events if e.kind == "turn"]
     # every session ends explicitly, so the clock stops on processing alone (no idle wait)
-    sess = workload(users=args.session_users, sessions=args.sessions, per_session=args.turns + 1, prefix="s",
-                    all_end=True)
-    sess_events = sess.events
+    sess_events = workload(users=args.session_users, sessions=args.sessions, per_session=args.turns + 1,
+                           prefix="s", all_end=True).events if args.session_users else []
     n_sessions = sum(1 for e in sess_events if e.kind == "session_end")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
@@ -101,7 +106,7 @@ def main() -> None:
             results["raw_events_per_s"].append(n / elapsed)
             results["raw_runs"].append({"events": n, "seconds": round(elapsed, 2), **summary})
             print(f"raw log  repeat {r + 1}: {n} events in {elapsed:.1f}s = {n / elapsed:.1f} events/s", flush=True)
-        for r in range(args.repeats):
+        for r in range(args.repeats if n_sessions else 0):
             s = _settings(tmp, broker.bootstrap, milvus.url, f"ses{r}", args, session_idle_timeout_s=1e6)
             elapsed, summary = _run(s, sess_events, lambda svc, p: svc.drained(p.end_offsets), args.timeout)
             results["sessions_per_s"].append(n_sessions / elapsed)
@@ -113,17 +118,22 @@ def main() -> None:
     out = {
         "benchmark": "ingest", "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_1m_start_end": [round(load0, 1), round(os.getloadavg()[0], 1)]},
+                    "load_avg_1m_start_end": [round(load0, 1), round(os.getloadavg()[0], 1)],
+                    "uptime_start": uptime0,
+                    "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "raw_events_per_s_median": round(statistics.median(results["raw_events_per_s"]), 1),
-        "sessions_per_s_median": round(statistics.median(results["sessions_per_s"]), 3),
+        "sessions_per_s_median": (round(statistics.median(results["sessions_per_s"]), 3)
+                                  if results["sessions_per_s"] else None),
+        "turns_embedded_on_ingest": args.embed_turns,
         **{k: ([round(x, 3) for x in v] if k.endswith("_per_s") else v) for k, v in results.items()},
         "model": "tiny-qwen3", "embedder": "all-MiniLM-L6-v2",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
     print(f"\nevents/s into the raw log (median of {args.repeats}): {out['raw_events_per_s_median']}")
-    print(f"end-to-end sessions/s with tiny-qwen3 (median of {args.repeats}): {out['sessions_per_s_median']}")
+    if results["sessions_per_s"]:
+        print(f"end-to-end sessions/s with tiny-qwen3 (median of {args.repeats}): {out['sessions_per_s_median']}")
     print(f"wrote {args.out}")
 
 

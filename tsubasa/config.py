@@ -103,12 +103,22 @@ class MilvusConfig(BaseModel):
     collection_prefix: str = Field("tsubasa", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
     dim: int = Field(384, ge=2, le=32768)
     consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Strong"
-    """Evolution reads its own writes: keep Strong unless the deployment accepts stale reads."""
+    """Level new collections are created with (what other clients get by default). TSUBASA's own
+    reads name their level per call (docs/memory.md): Strong where evolution reads its own writes,
+    `search_consistency` for serving and evaluation searches."""
+    search_consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
+    """Level of the searches that ground answers (gateway, inspector search, evaluation): Bounded
+    may miss writes of the last few seconds (Milvus `gracefulTime`, 5 s by default) and does not
+    wait for them; Strong waits for every write (about 400 ms a search on a Milvus 2.3 standalone)."""
     num_partitions: int = Field(16, ge=1, le=1024)
     """Physical partitions behind the `tenant_id` partition key."""
     bm25: bool = True
     """Give new turn, observation and memory collections a BM25 full-text index on their text
     (Milvus computes it), for hybrid retrieval; collections made without one stay dense-only."""
+    search_ef: int = Field(256, ge=0, le=32768)
+    """HNSW search breadth (`ef`) of dense searches; 0 leaves the index default. A filtered search
+    for one user among 100k memories returned fewer than 3 hits in a quarter of searches on Milvus
+    Lite at its default ef 64 (docs/benchmarks-store.md): the filter leaves too few graph neighbours."""
     hybrid_depth: int = Field(20, ge=1, le=1000)
     """Hybrid search: candidates taken from each of the dense and BM25 searches before fusing."""
     rrf_k: int = Field(60, ge=1, le=10_000)
@@ -151,6 +161,11 @@ class MemoryConfig(BaseModel):
     decide_max_new_tokens: int = Field(96, ge=8, le=2048)
     target_speakers: list[str] = Field(default_factory=list)
     """Speakers whose observations are kept; empty = every speaker except `assistant`."""
+    embed_turns_on_ingest: bool = False
+    """Embed raw turns as they arrive. Off: turns are stored unembedded and embedded in batches by
+    whatever first needs their vectors (turn retrieval: the rag-turns baseline, `memory search
+    --source turns`, hybrid turn search); the memory path never reads them. A backfill run with this
+    on embeds each batch it appends."""
     attribution_min_similarity: float = Field(0.35, ge=-1.0, le=1.0)
     """Provenance fallback: turns at least this similar to an uncited observation are its sources."""
     guards: bool = True

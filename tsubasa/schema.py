@@ -20,6 +20,9 @@ MAX_METADATA_BYTES = 4_096
 MAX_EVENT_BYTES = 65_536
 """Largest encoded event accepted (bytes of JSON); text and metadata limits apply inside it."""
 EVENT_SCHEMA_VERSION = 1
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+"""C0 control characters other than tab, LF and CR, DEL, and lone surrogates: they carry no text, a
+NUL truncates strings in C consumers, and a lone surrogate cannot be stored as UTF-8."""
 
 
 class InvalidIdentifierError(ValueError):
@@ -37,6 +40,16 @@ def validate_identifier(value: str, field: str = "identifier") -> str:
             f"{field} {value!r} is not a valid identifier: use 1-128 characters from "
             "[A-Za-z0-9_.@-], starting with a letter or digit"
         )
+    return value
+
+
+def refuse_control_characters(value: str, field: str | None = None) -> str:
+    """Return `value` if it holds no control character (tab, LF and CR are text); else raise
+    ValueError naming the first one and its position (and `field`, when the caller's error does not)."""
+    if (m := _CONTROL.search(value)) is not None:
+        where = f"{field}: " if field else ""
+        raise ValueError(f"{where}control character U+{ord(m.group()):04X} at position {m.start()} is not "
+                         "allowed (only tab, LF and CR)")
     return value
 
 
@@ -87,7 +100,14 @@ class Event(BaseModel):
 
         if len(json.dumps(v, default=str)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata larger than {MAX_METADATA_BYTES} bytes")
+        if isinstance(v.get("session_date"), str):  # stored and shown beside the turn's text
+            refuse_control_characters(v["session_date"], "session_date")
         return v
+
+    @field_validator("speaker", "text", "source_id")
+    @classmethod
+    def _no_control_characters(cls, v: str) -> str:
+        return refuse_control_characters(v)
 
     @field_validator("timestamp")
     @classmethod

@@ -34,7 +34,7 @@ class ConsumerMetrics(BaseModel):
     appended: int = 0
     """Turns newly written to the raw log."""
     duplicates: int = 0
-    """Turns already in the raw log (replays, producer retries): skipped, not re-embedded."""
+    """Turns already in the raw log (replays, producer retries): skipped, never rewritten."""
     late_events: int = 0
     """Events of sessions already processed (stored, but the session is not processed again)."""
     dead_lettered: dict[str, int] = Field(default_factory=dict)

@@ -61,13 +61,10 @@ class SessionWriter:
 
     @ray.method(concurrency_group="append")
     def append(self, events: list[Event]) -> dict[str, int]:
-        """Store turn events in the raw log; ids already stored are skipped (not re-embedded)."""
-        store = self.system.store
-        existing = store.existing_turn_ids([e.to_turn() for e in events])
-        fresh = [e for e in events if e.to_turn().pk not in existing]
-        new = self.system.writer.append(fresh).new_turns if fresh else 0
+        """Store turn events in the raw log; ids already stored are skipped (never rewritten)."""
+        new = self.system.writer.append(events).new_turns if events else 0
         self.appended += new
-        return {"appended": new, "duplicates": len(events) - len(fresh)}
+        return {"appended": new, "duplicates": len(events) - new}
 
     def process(self, tenant_id: str, user_id: str, session_id: str) -> dict[str, Any]:
         """Extract and evolve one closed session; a no-op if it was already processed."""

@@ -46,6 +46,9 @@ MALFORMED = [
     ("turn without text", KEY, _raw(_event(event_id="m12", text="   ")), "non-empty text"),
     ("key is not tenant:user", b"acme:mallory", _raw(_event(event_id="m13")), "key"),
     ("extra field", KEY, _raw(_event(event_id="m14", secret="x")), "secret"),
+    ("NUL in text", KEY, _raw(_event(event_id="m15", text="I adopted\u0000 a cat")), "text: control character U+0000"),
+    ("escape in speaker", KEY, _raw(_event(event_id="m16", speaker="Ali\x1bce")), "speaker: control character U+001B"),
+    ("raw NUL byte in the JSON", KEY, _raw(_event(event_id="m17")).replace(b"Miso", b"Mi\x00so"), "JSON"),
 ]
 
 

@@ -1,3 +1,4 @@
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -71,3 +72,21 @@ def test_naive_timestamp_becomes_utc_and_turn_keeps_source():
 
 def test_stable_id_is_deterministic():
     assert stable_id("a", "b") == stable_id("a", "b") != stable_id("ab", "")
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("text", "a\x00b", "U+0000"), ("text", "bell\x07", "U+0007"), ("speaker", "A\x1bB", "U+001B"),
+    ("source_id", "x\x7f", "U+007F")])
+def test_event_refuses_control_characters(field, value, code):
+    from tsubasa.schema import InvalidEventError, parse_event
+
+    raw = {"event_id": "e1", "tenant_id": "t1", "user_id": "u1", "session_id": "s1",
+           "timestamp": "2023-05-08T00:00:00Z", "speaker": "Caroline", "text": "hello", field: value}
+    with pytest.raises(InvalidEventError, match=rf"^{field}: control character {re.escape(code)} at position \d+"):
+        parse_event(raw)
+    with pytest.raises(InvalidEventError, match="metadata: session_date: control character U\\+0000"):
+        parse_event({**raw, field: "ok", "metadata": {"session_date": "8 May\x00"}})
+
+
+def test_event_keeps_tabs_and_new_lines():
+    assert _event(text="a\tb\nc\r\nd").text == "a\tb\nc\r\nd"

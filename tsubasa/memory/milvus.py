@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tsubasa.config import MilvusConfig
+from tsubasa.schema import validate_identifier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,22 @@ MARKER_DIM = 2  # Milvus needs a vector field in every collection; session marke
 MAX_TEXT = 16_384
 QUERY_PAGE = 1000
 QUERY_LIMIT = 16_384  # Milvus caps offset+limit of one query at 16384
+STRONG = "Strong"
+"""Consistency of every read that must see this deployment's own latest writes (evolution, dedup,
+markers). Passed per call, so it holds whatever level a collection was created with."""
+EMBEDDED = "embedded"
+"""Turn field: whether `vec` holds the turn's embedding (turns are embedded on demand)."""
+
+
+def scope_filter(tenant_id: str, user_id: str | None = None, **equals: str) -> str:
+    """Filter expression for one tenant (and user, and other string fields); identifiers are
+    validated first, so nothing a caller passes can change the expression's structure."""
+    parts = [f'tenant_id == "{validate_identifier(tenant_id, "tenant_id")}"']
+    if user_id is not None:
+        parts.append(f'user_id == "{validate_identifier(user_id, "user_id")}"')
+    for field, value in equals.items():
+        parts.append(f'{field} == "{validate_identifier(value, field)}"')
+    return " and ".join(parts)
 
 
 _CLIENTS: dict[str, Any] = {}
@@ -123,6 +140,9 @@ class MilvusCollections:
         self.dim = cfg.dim
         self.names = {k: f"{cfg.collection_prefix}_{k}" for k in (TURNS, OBSERVATIONS, MEMORIES, HISTORY, SESSIONS)}
         self.bm25: dict[str, bool] = {}
+        self.turn_flags = False
+        """Whether the turn collection has the `embedded` flag (collections made before it have
+        every turn embedded on arrival, and keep it so)."""
         self._ensure_collections()
 
     # ---- schema -------------------------------------------------------------------------------
@@ -139,7 +159,8 @@ class MilvusCollections:
 
         specs: dict[str, tuple[list[tuple[str, Any]], int]] = {
             TURNS: ([("event_id", 128), ("session_id", 128), ("speaker", 128), ("text", MAX_TEXT),
-                     ("source_id", 128), ("session_date", 64), ("ts", "int"), ("seq", "int")], self.dim),
+                     ("source_id", 128), ("session_date", 64), ("ts", "int"), ("seq", "int"),
+                     (EMBEDDED, "bool")], self.dim),
             OBSERVATIONS: ([("observation_id", 64), ("session_id", 128), ("speaker", 128), ("text", 4096),
                             ("event_date", 16), ("report_date", 16), ("source_ids", 8192), ("attributed", "bool"),
                             ("idx", "int"), ("decision", 8192), ("applied", "bool")], self.dim),
@@ -154,7 +175,9 @@ class MilvusCollections:
             name = self.names[key]
             if self.client.has_collection(name):
                 self.client.load_collection(name)  # needed after reopening a database
-                self.bm25[key] = any(f["name"] == SPARSE for f in self.client.describe_collection(name)["fields"])
+                fields_now = {f["name"] for f in self.client.describe_collection(name)["fields"]}
+                self.bm25[key] = SPARSE in fields_now
+                self.turn_flags |= key == TURNS and EMBEDDED in fields_now
                 continue
             bm25 = self.cfg.bm25 and key in SEARCHABLE
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -175,20 +198,26 @@ class MilvusCollections:
                                              input_field_names=["text"], output_field_names=[SPARSE]))
                 index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
             self.bm25[key] = bm25
+            self.turn_flags |= key == TURNS
             self.client.create_collection(
                 name, schema=schema, index_params=index, num_partitions=self.cfg.num_partitions,
                 consistency_level=self.cfg.consistency_level,
             )
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _query_all(self, key: str, flt: str, fields: list[str]) -> list[dict[str, Any]]:
+    def _get(self, key: str, ids: list[str], fields: list[str], consistency: str = STRONG) -> list[dict[str, Any]]:
+        """Rows by primary key. In Milvus a get is a query: below Strong it may miss a row just written."""
+        return list(self.client.get(self.names[key], ids=ids, output_fields=fields, consistency_level=consistency))
+
+    def _query_all(self, key: str, flt: str, fields: list[str], consistency: str = STRONG) -> list[dict[str, Any]]:
         """Every row matching `flt` (paged, so large users are not truncated)."""
-        rows = self.client.query(self.names[key], filter=flt, output_fields=fields, limit=QUERY_LIMIT)
+        rows = self.client.query(self.names[key], filter=flt, output_fields=fields, limit=QUERY_LIMIT,
+                                 consistency_level=consistency)
         if len(rows) < QUERY_LIMIT:
             return list(rows)
         rows = []  # larger than one query may return: page through an iterator
         it = self.client.query_iterator(self.names[key], batch_size=QUERY_PAGE, filter=flt,
-                                        output_fields=fields)
+                                        output_fields=fields, consistency_level=consistency)
         try:
             while batch := it.next():
                 rows.extend(batch)
@@ -197,23 +226,29 @@ class MilvusCollections:
         return rows
 
     def _search(self, key: str, vector: np.ndarray, flt: str, k: int, fields: list[str],
-                text: str | None = None) -> list[dict[str, Any]]:
-        """Top-k rows under `flt`: dense cosine on `vec`; with `text` on a collection that has BM25,
-        dense and BM25 full-text results fused by reciprocal rank (`_score` is then the RRF score)."""
+                text: str | None = None, consistency: str = STRONG, dense_flt: str | None = None,
+                ) -> list[dict[str, Any]]:
+        """Top-k rows under `flt` (the dense half under `dense_flt` when given) at `consistency`:
+        dense cosine on `vec`; with `text` on a collection that has BM25, dense and BM25 full-text
+        results fused by reciprocal rank (`_score` is then the RRF score)."""
         dense = [np.asarray(vector, dtype=np.float32).tolist()]
+        dense_flt = dense_flt or flt
+        param: dict[str, Any] = {"metric_type": "COSINE"}
+        if self.cfg.search_ef:
+            param["params"] = {"ef": max(self.cfg.search_ef, k)}
         if text is None or not self.bm25.get(key) or not text.strip():
-            res = self.client.search(self.names[key], data=dense, filter=flt, limit=k, output_fields=fields,
-                                     search_params={"metric_type": "COSINE"})
+            res = self.client.search(self.names[key], data=dense, filter=dense_flt, limit=k, output_fields=fields,
+                                     search_params=param, consistency_level=consistency)
         else:
             from pymilvus import AnnSearchRequest, RRFRanker
 
             depth = max(k, self.cfg.hybrid_depth)
-            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param={"metric_type": "COSINE"}, limit=depth,
-                                     expr=flt),
+            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param=param, limit=depth,
+                                     expr=dense_flt),
                     AnnSearchRequest(data=[text], anns_field=SPARSE, param={"metric_type": "BM25"}, limit=depth,
                                      expr=flt)]
             res = self.client.hybrid_search(self.names[key], reqs, ranker=RRFRanker(self.cfg.rrf_k), limit=k,
-                                            output_fields=fields)
+                                            output_fields=fields, consistency_level=consistency)
         return [{**hit["entity"], "_score": float(hit["distance"])} for hit in res[0]] if res else []
 
     def close(self) -> None:

@@ -74,16 +74,19 @@ class Retriever:
         vec = self.embedder.embed([query])[0]
         text = query if self.mode == "hybrid" else None
         items: list[GroundingItem] = []
+        # Grounding reads at the serving level (stale_ok): a write of the last seconds may be missed,
+        # and the search never waits for the newest writes to be searchable.
         if k > 0 and source == "memories":
             items = [GroundingItem(id=m.memory_id, text=grounding_dated(m.text, m.event_date), score=m.score or 0.0,
                                    source_ids=m.source_ids)
-                     for m in self.store.search_memories(tenant_id, user_id, vec, k, text)]
+                     for m in self.store.search_memories(tenant_id, user_id, vec, k, text, stale_ok=True)]
         elif k > 0 and source == "observations":
             items = [GroundingItem(id=o.observation_id, text=grounding_dated(o.text, o.event_date), score=s,
                                    source_ids=o.source_ids)
-                     for o, s in self.store.search_observations(tenant_id, user_id, vec, k, text)]
+                     for o, s in self.store.search_observations(tenant_id, user_id, vec, k, text, stale_ok=True)]
         elif k > 0 and source == "turns":
+            self.store.embed_missing_turns(tenant_id, user_id, self.embedder.embed)  # raw turns: on demand
             items = [GroundingItem(id=t.event_id, score=s, source_ids=[t.source_id], text=t.rendered())
-                     for t, s in self.store.search_turns(tenant_id, user_id, vec, k, text)]
+                     for t, s in self.store.search_turns(tenant_id, user_id, vec, k, text, stale_ok=True)]
         text = format_grounding(items)
         return Grounding(source=source, items=items, text=text, tokens=self.count_tokens(text) if text else 0)

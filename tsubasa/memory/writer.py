@@ -54,8 +54,9 @@ class MemoryWriter:
         self.manager = MemoryManager(store, embedder, engine, self.cfg)
 
     def append(self, events: Sequence[Event]) -> AppendResult:
-        """Store turn events durably (idempotent by event id). Session-end events are reported,
-        not processed: the caller decides when to run `process_session` (it may be slow)."""
+        """Store turn events durably (idempotent by event id; embedded only with
+        `memory.embed_turns_on_ingest`). Session-end events are reported, not processed: the caller
+        decides when to run `process_session` (it may be slow)."""
         res = AppendResult(received=len(events))
         turns: list[Turn] = []
         for i, ev in enumerate(events):
@@ -64,8 +65,9 @@ class MemoryWriter:
             else:
                 turns.append(ev.to_turn(seq=i))
         if turns:
-            vecs = self.embedder.embed([t.rendered() for t in turns])
-            res.new_turns = self.store.upsert_turns(turns, vecs)
+            # Raw turns are embedded on demand (turn search fills them); the memory path never reads them.
+            embed = self.cfg.embed_turns_on_ingest or not self.store.turn_flags
+            res.new_turns = self.store.upsert_turns(turns, embed=self.embedder.embed if embed else None)
         return res
 
     def process_session(self, tenant_id: str, user_id: str, session_id: str) -> SessionResult:
