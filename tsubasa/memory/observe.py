@@ -260,6 +260,8 @@ class ObservationExtractor:
         all_speakers = list(dict.fromkeys(t.speaker for t in turns))
         guards = {s: None if self.compact or not self.cfg.guards else ObservationGuard(turns, s) for s in speakers}
         per_speaker: Counter = Counter()
+        row = {t.source_id: i for i, t in enumerate(turns)}
+        vecs: np.ndarray | None = None
         parsed: list[ParsedObservation] = []
         seen: set[str] = set()
         for (window, speaker), reply in zip(jobs, replies, strict=True):
@@ -272,7 +274,10 @@ class ObservationExtractor:
                     continue
                 per_speaker[p.speaker] += 1
                 found.append(p)
-            parsed.extend(self._attribute(found, window, stats))
+            if found:
+                if vecs is None:  # the session's turns, embedded once for all its windows and speakers
+                    vecs = self.embedder.embed([t.text for t in turns])
+                parsed.extend(self._attribute(found, window, vecs[[row[t.source_id] for t in window]], stats))
         stats.kept = len(parsed)
         obs = [Observation(
             observation_id=stable_id(first.tenant_id, first.user_id, first.session_id, p.speaker, str(i), prefix="o"),
@@ -291,9 +296,9 @@ class ObservationExtractor:
         own = sum(t.speaker == speaker for t in window)
         return max(3, min(self.cfg.max_observations_per_session, own))
 
-    def _attribute(self, parsed: list[ParsedObservation], turns: Sequence[Turn],
+    def _attribute(self, parsed: list[ParsedObservation], turns: Sequence[Turn], tv: np.ndarray,
                    stats: ExtractionStats) -> list[ParsedObservation]:
-        """Provenance and the speaker check, by similarity to the session's turns.
+        """Provenance and the speaker check, by similarity to `turns` (a window; `tv` their embeddings).
 
         An observation that cites no turn gets the most similar turn(s) of its speaker (at least
         `attribution_min_similarity`, else the single best one). With the full prompt, one whose best
@@ -301,7 +306,6 @@ class ObservationExtractor:
         other speaker's fact credited to the wrong person, and is dropped (`other_speakers_turns`)."""
         if not parsed:
             return parsed
-        tv = self.embedder.embed([t.text for t in turns])
         sims = self.embedder.embed([p.text for p in parsed]) @ tv.T
         targets = set(self.speakers(turns))
         kept = []
