@@ -56,7 +56,8 @@ def test_vllm_matches_transformers_greedy_tokens(tiny_cfg, tiny_engine, tmp_path
     t0 = time.perf_counter()
     proc = subprocess.run([str(VLLM_PY), str(ROOT / "tests/support/vllm_parity.py"), str(tmp_path / "spec.json"),
                            str(tmp_path / "out.json")], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    wrote = (tmp_path / "out.json").is_file()
+    assert proc.returncode == 0, f"exit {proc.returncode}, out.json written: {wrote}\n{proc.stderr[-4000:]}"
     out = json.loads((tmp_path / "out.json").read_text())
     print(f"vLLM run {time.perf_counter() - t0:.1f}s (engine start {out['engine_start_s']:.1f}s)", file=sys.stderr)
 
