@@ -40,7 +40,8 @@ class ModelConfig(BaseModel):
     GGUF through llama.cpp (CPU, generation only); `openai` = an OpenAI-compatible endpoint (generation only)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    """`auto`: bfloat16 on CUDA; on a CPU bfloat16 for a checkpoint stored in bf16 where the CPU has
+    native bf16 (AVX512-BF16 or AMX), else float32."""
     max_context_tokens: int = Field(4096, ge=256)
     """Prompt window used for truncation (full-context baseline, teacher context)."""
     max_new_tokens: int = Field(256, ge=1, le=8192)

@@ -169,14 +169,13 @@ def load_student_base(model_cfg: ModelConfig, model: Any = None, tokenizer: Any 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tsubasa.llm.models import resolve_model
+    from tsubasa.llm.models import resolve_model, torch_dtype
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     want_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if want_cuda else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        model_cfg.dtype, torch.bfloat16 if want_cuda else torch.float32)
     path = resolve_model(model_cfg.name, model_cfg.cache_dir)
+    dtype = torch_dtype(model_cfg.dtype, path, want_cuda)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -26,7 +26,7 @@ from tsubasa.llm.base import (
     TopDScores,
     reject_json_schema,
 )
-from tsubasa.llm.models import resolve_model
+from tsubasa.llm.models import resolve_model, torch_dtype
 from tsubasa.llm.multilora import MultiLoraModel
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ class HFEngine(ChatTokenizerMixin):
         self.model_name = cfg.name
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if want_cuda else "cpu")
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-            cfg.dtype, torch.bfloat16 if want_cuda else torch.float32
-        )
+        dtype = torch_dtype(cfg.dtype, self.path, want_cuda)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
