@@ -60,7 +60,8 @@ def main() -> int:
                    milvus_uri=settings.milvus_uri, limit=args.limit)
     print(f"{conv.sample_id}: {len(stored)} sessions in the store ({', '.join(sorted(stored))}); "
           f"{len(conv.qa)} questions ({args.questions}); systems {', '.join(systems)}; model {settings.model.name}")
-    runner = LocomoRunner(spec, args.run_dir, [conv], memory, judge=None, batch_size=settings.model.batch_size)
+    runner = LocomoRunner(spec, args.run_dir, [conv], memory, judge=None, engine=engine,
+                          batch_size=settings.model.batch_size)
     t0 = time.perf_counter()
     res = runner.run(progress=lambda d, a, b: print(f"  {d}: {a}/{b}", flush=True), memory_mode="existing")
     rows = read_rows(args.run_dir)

@@ -42,7 +42,6 @@ def _model_reply(messages) -> str:
 
 @dataclass
 class Backend:
-    engine: object
     store: object
     retriever: Retriever
     writer: MemoryWriter
@@ -59,7 +58,7 @@ def conv(locomo_path):
 @pytest.fixture()
 def backend(store, embedder, tiny_engine, settings):
     writer = MemoryWriter(store, embedder, ScriptedEngine(_model_reply, real=tiny_engine), settings.memory)
-    return Backend(tiny_engine, store, Retriever(store, embedder, tiny_engine.count_tokens), writer)
+    return Backend(store, Retriever(store, embedder, tiny_engine.count_tokens), writer)
 
 
 def _spec(**kw) -> RunSpec:
@@ -76,7 +75,7 @@ def test_runner_answers_every_system_and_resumes(tmp_path, conv, backend, tiny_e
 
     run_dir = tmp_path / "run"
     judge = EngineJudge(tiny_engine, max_new_tokens=8)
-    runner = LocomoRunner(_spec(), run_dir, [conv], backend, judge, batch_size=2)
+    runner = LocomoRunner(_spec(), run_dir, [conv], backend, judge, engine=tiny_engine, batch_size=2)
     first = runner.run()
     assert (first.total, first.skipped, first.answered) == (15, 0, 15)
     rows = read_rows(run_dir)
@@ -108,16 +107,16 @@ def test_runner_answers_every_system_and_resumes(tmp_path, conv, backend, tiny_e
     path.write_text("".join(lines[:6]) + lines[6][:25])
     kept = {r["key"]: r["at"] for r in read_rows(run_dir)}
     assert len(kept) == 6
-    second = LocomoRunner(_spec(), run_dir, [conv], backend, judge, batch_size=2).run()
+    second = LocomoRunner(_spec(), run_dir, [conv], backend, judge, engine=tiny_engine, batch_size=2).run()
     assert (second.skipped, second.answered) == (6, 9)
     rows = read_rows(run_dir)
     assert len(rows) == 15 and len({r["key"] for r in rows}) == 15
     assert all(r["at"] == kept[r["key"]] for r in rows if r["key"] in kept)  # not recomputed
-    third = LocomoRunner(_spec(), run_dir, [conv], backend, judge).run()
+    third = LocomoRunner(_spec(), run_dir, [conv], backend, judge, engine=tiny_engine).run()
     assert (third.skipped, third.answered) == (15, 0)
 
     with pytest.raises(RunSpecMismatchError, match="max_new_tokens"):
-        LocomoRunner(_spec(max_new_tokens=9), run_dir, [conv], backend, judge)
+        LocomoRunner(_spec(max_new_tokens=9), run_dir, [conv], backend, judge, engine=tiny_engine)
 
     spec, rows, info = load_run(run_dir)
     summaries = summarize(rows)
@@ -168,14 +167,14 @@ def test_cli_report_rejects_a_directory_that_is_not_a_run(tmp_path):
     assert res.exit_code == 2 and "not a run directory" in res.output
 
 
-def test_turns_mode_stores_raw_turns_only_and_refuses_memory_systems(tmp_path, conv, backend):
+def test_turns_mode_stores_raw_turns_only_and_refuses_memory_systems(tmp_path, conv, backend, tiny_engine):
     stats = ensure_memory(backend, conv, "t2", "conv-26", mode="turns")
     assert stats["sessions_built"] == 1
     counts = backend.store.counts("t2")[("t2", "conv-26")]
     assert counts["turns"] == len(conv.sessions[0].turns) and counts["observations"] == 0
     assert ensure_memory(backend, conv, "t2", "conv-26", mode="turns")["sessions_built"] == 0
     runner = LocomoRunner(_spec(systems=["rag-turns", "memory-evolving"], tenant="t2"), tmp_path / "r", [conv],
-                          backend, None)
+                          backend, None, engine=tiny_engine)
     with pytest.raises(MemoryModeError, match="memory-evolving"):
         runner.run(memory_mode="turns")
 

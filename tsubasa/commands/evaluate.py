@@ -138,7 +138,7 @@ def locomo(
     except (ValueError, FileNotFoundError) as exc:
         fail(f"--conversations: {exc}" if isinstance(exc, ValueError) else f"--data: {exc}")
 
-    from tsubasa.llm import load_engine
+    from tsubasa.llm import load_engine, writer_model
     from tsubasa.memory.runtime import MemorySystem
 
     base_url = judge_base_url or settings.eval.judge_base_url
@@ -151,7 +151,11 @@ def locomo(
                                max_new_tokens=judge_max_new_tokens)
     except ValueError as exc:
         fail(f"--judge: {exc}")
-    memory = MemorySystem(settings, engine=engine)
+    # The memory is written as `tsubasa ingest` writes it (the writer's own LLM: llama.cpp where the
+    # model has a GGUF), with the answering engine reused when the writer is the same model and engine.
+    wcfg = writer_model(settings.model, settings.writer)
+    same = (wcfg.engine, wcfg.name) == (settings.model.engine, settings.model.name)
+    memory = MemorySystem(settings, engine=engine if same else None, count_tokens=engine.count_tokens)
     window = context_tokens or settings.model.max_context_tokens
     model_cfg = getattr(getattr(engine, "base_model", None), "config", None)
     model_window = getattr(model_cfg, "max_position_embeddings", None)
@@ -160,10 +164,11 @@ def locomo(
     spec = RunSpec(systems=names, ks=ks, conversations=[c.sample_id for c in convs], categories=cats, limit=limit,
                    model=settings.model.name, prompt_style=prompt, max_new_tokens=max_new_tokens,  # type: ignore[arg-type]
                    context_tokens=window, tenant=tenant, judge=the_judge.name if the_judge else "none",
-                   memory_model=settings.model.name, milvus_uri=settings.milvus_uri)
+                   memory_model=f"{wcfg.name} ({wcfg.engine})", milvus_uri=settings.milvus_uri)
     out = run_dir or settings.eval.runs_dir / f"locomo-{_slug(settings.model.name)}-{_slug(conversations)}"
     try:
-        runner = LocomoRunner(spec, out, convs, memory, the_judge, batch_size=batch_size or settings.model.batch_size)
+        runner = LocomoRunner(spec, out, convs, memory, the_judge, engine=engine,
+                              batch_size=batch_size or settings.model.batch_size)
     except RunSpecMismatchError as exc:
         fail(str(exc))
     _log_command(out)

@@ -64,9 +64,6 @@ class MemoryBackend(Protocol):
     """What the runner needs from the memory side (`tsubasa.memory.runtime.MemorySystem` is one)."""
 
     @property
-    def engine(self) -> Engine: ...
-
-    @property
     def store(self) -> MemoryStore: ...
 
     @property
@@ -227,13 +224,15 @@ class LocomoRunner:
     """Evaluate systems on LoCoMo questions into a run directory."""
 
     def __init__(self, spec: RunSpec, run_dir: str | Path, conversations: list[LocomoConversation],
-                 memory: MemoryBackend, judge: Judge | None, batch_size: int = 8,
+                 memory: MemoryBackend, judge: Judge | None, *, engine: Engine, batch_size: int = 8,
                  adapter_for: Callable[[str, str], str | None] | None = None) -> None:
+        """`engine` answers; `memory.writer` (its own LLM: llama.cpp on a laptop) builds the memory."""
         self.run_dir = Path(run_dir)
         self.spec = load_or_create_spec(self.run_dir, spec)
         self.asked = spec
         self.conversations = conversations
         self.memory = memory
+        self.engine = engine
         self.judge = judge
         self.batch_size = batch_size
         self.adapter_for = adapter_for
@@ -252,7 +251,7 @@ class LocomoRunner:
     def _system(self, name: str, k: int | None, cache: dict) -> AnswerSystem:
         key = (name, k)
         if key not in cache:
-            ctx = SystemContext(engine=self.memory.engine, store=self.memory.store, retriever=self.memory.retriever,
+            ctx = SystemContext(engine=self.engine, store=self.memory.store, retriever=self.memory.retriever,
                                 k=k if k is not None else 0, prompt_style=self.asked.prompt_style,
                                 max_new_tokens=self.asked.max_new_tokens, context_tokens=self.asked.context_tokens,
                                 adapter_for=self.adapter_for)
