@@ -1,19 +1,13 @@
-"""Typed settings: one object composed of small sections, loaded from env (prefix ``TSUBASA_``,
-nested with ``__``) and an optional YAML file, validated at start with messages naming the field.
-
-    TSUBASA_MODEL__NAME=tiny-qwen3 TSUBASA_MEMORY__TOP_K=5 tsubasa ...
-    TSUBASA_CONFIG=prod.yaml tsubasa ...
-"""
+"""The sections of the settings that the library reads: the model and the writer's model, the
+embedder, Milvus, the writing wing (memory), the reading wing (distill), adapters and evaluation."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 
 def _default_data_dir() -> Path:
@@ -245,96 +239,6 @@ class AdapterConfig(BaseModel):
     keep_versions: int = Field(5, ge=1, le=1000)
 
 
-class ServeConfig(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    api_keys_env: str = "TSUBASA_API_KEYS"
-    """Env var holding `tenant:sha256hex,...` (from a Kubernetes Secret)."""
-    max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=0)
-    request_timeout_s: float = Field(120.0, gt=0)
-    max_request_bytes: int = Field(1_000_000, ge=1024)
-    llm_replicas: int = Field(1, ge=1)
-    """LLM replicas (the autoscaler's start value when `autoscaling` is on)."""
-    gateway_replicas: int = Field(1, ge=1)
-    """Gateway replicas; more than one needs a shared Milvus (`milvus-lite server` or a cluster)."""
-    autoscaling: bool = False
-    """Scale LLM replicas between `min_replicas` and `max_replicas` on ongoing requests."""
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    adapters_per_replica: int = Field(8, ge=1)
-    """LoRA adapters kept loaded per LLM replica (Serve multiplexing LRU)."""
-    llm_max_ongoing_requests: int = Field(64, ge=1)
-    """Requests one LLM replica holds at once (batched together, see `max_batch_size`)."""
-    llm_max_queued_requests: int = Field(128, ge=0)
-    """Requests waiting for an LLM replica before the gateway answers 503."""
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    """Concurrent requests merged into one mixed-adapter engine call."""
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=5.0)
-    max_completion_tokens: int = Field(512, ge=1)
-    """Upper bound on `max_tokens` a client may ask for."""
-    session_queue_size: int = Field(256, ge=1)
-    """Closed sessions waiting for memory evolution in one gateway replica (`/v1/events` answers 429 beyond)."""
-    retry_after_s: int = Field(1, ge=1)
-    """Retry-After seconds sent with 429/503."""
-    llm_num_cpus: float = Field(2.0, gt=0)
-    """Ray CPUs of one LLM replica; a transformers engine also uses this many torch threads."""
-    ray_address: str = ""
-    """Ray cluster to join (`auto`, `ray://...`); empty = start a local Ray."""
-    ray_num_cpus: int | None = Field(None, ge=1)
-    """Logical CPUs of a local Ray (default: the machine's)."""
-
-    @model_validator(mode="after")
-    def _replica_bounds(self) -> ServeConfig:
-        if self.autoscaling and not self.min_replicas <= self.llm_replicas <= self.max_replicas:
-            raise ValueError("with autoscaling, min_replicas <= llm_replicas <= max_replicas must hold")
-        return self
-
-
-class KafkaConfig(BaseModel):
-    """Streaming ingestion (`tsubasa ingest run`, services/ingest): Kafka -> Ray actors -> memory."""
-
-    bootstrap_servers: str = "127.0.0.1:9092"
-    topic: str = "tsubasa.events"
-    dead_letter_topic: str = "tsubasa.events.dlq"
-    group_id: str = "tsubasa-ingest"
-    """Consumer group whose committed offsets record what is durable (partitions are assigned by the
-    ingest service, not by group rebalancing)."""
-    session_idle_timeout_s: float = Field(1800.0, gt=0)
-    """A session with no new event for this long, on a partition read to its end, is closed."""
-    max_retries: int = Field(3, ge=0)
-    """Retries of a failing session (or event) before it goes to the dead-letter topic."""
-    retry_backoff_s: float = Field(0.5, ge=0)
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    partitions: int = Field(8, ge=1, le=10_000)
-    """Partitions of the event topic when the ingest service creates it."""
-    consumers: int = Field(2, ge=1, le=1024)
-    """Consumer actors; partitions are split between them (at most one actor per partition)."""
-    writers: int = Field(2, ge=1, le=1024)
-    """Session-writer actors, sharded by hash(tenant:user): a user's sessions apply in order."""
-    max_poll_records: int = Field(500, ge=1, le=100_000)
-    max_pending_sessions: int = Field(64, ge=1)
-    """Back-pressure: a consumer pauses its partitions while this many closed sessions wait."""
-    commit_interval_s: float = Field(1.0, gt=0)
-    session_timeout_ms: int = Field(6000, ge=1000)
-    heartbeat_interval_ms: int = Field(1000, ge=100)
-    actor_num_cpus: float = Field(0.25, ge=0)
-    """Logical CPUs Ray reserves per ingest actor."""
-    actor_torch_threads: int = Field(1, ge=1, le=256)
-    """Intra-op threads per actor (several actors share the cores; 1 is fastest on small machines)."""
-
-    @model_validator(mode="after")
-    def _sasl(self) -> KafkaConfig:
-        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
-            raise ValueError("security_protocol SASL_* needs sasl_username and sasl_password")
-        if self.heartbeat_interval_ms >= self.session_timeout_ms:
-            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
-        return self
-
 
 class EvalConfig(BaseModel):
     locomo_path: Path = Path("../shared/data/locomo10.json")
@@ -342,91 +246,3 @@ class EvalConfig(BaseModel):
     judge_base_url: str | None = None
     judge_model: str | None = None
     judge_api_key: SecretStr | None = None
-
-
-class _YamlSource(PydanticBaseSettingsSource):
-    """Values from the YAML file named by TSUBASA_CONFIG (lower priority than env)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
-        super().__init__(settings_cls)
-        self.path = path
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        if not self.path:
-            return {}
-        if not self.path.is_file():
-            raise ConfigError(f"config file {self.path} does not exist")
-        data = yaml.safe_load(self.path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {self.path}: top level must be a mapping of sections")
-        return data
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the field."""
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TSUBASA_", env_nested_delimiter="__", extra="forbid")
-
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    writer: WriterConfig = Field(default_factory=WriterConfig)
-    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
-    milvus: MilvusConfig = Field(default_factory=MilvusConfig)
-    memory: MemoryConfig = Field(default_factory=MemoryConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    adapters: AdapterConfig = Field(default_factory=AdapterConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):  # type: ignore[override]
-        path = os.environ.get("TSUBASA_CONFIG")
-        return (init_settings, env_settings, _YamlSource(settings_cls, Path(path) if path else None),
-                file_secret_settings)
-
-    @property
-    def milvus_uri(self) -> str:
-        return self.milvus.uri or str(self.data_dir / "milvus.db")
-
-    @property
-    def adapter_root(self) -> str:
-        return self.adapters.root or str(self.data_dir / "adapters")
-
-    @property
-    def distill_dir(self) -> str:
-        return self.distill.work_dir or str(self.data_dir / "distill")
-
-
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Load settings from env + optional YAML (+ keyword overrides); raise ConfigError naming the field."""
-    old = os.environ.get("TSUBASA_CONFIG")
-    try:
-        if config_file is not None:
-            os.environ["TSUBASA_CONFIG"] = str(config_file)
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-    finally:
-        if config_file is not None:
-            if old is None:
-                os.environ.pop("TSUBASA_CONFIG", None)
-            else:
-                os.environ["TSUBASA_CONFIG"] = old
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `memory.top_k: Input should be greater than or equal to 1 (got 0)`."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{loc}: {err['msg']}{shown}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
