@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,32 @@ class StoreLockedError(RuntimeError):
     """A Milvus Lite file is held by another process (it admits one process at a time)."""
 
 
+class MilvusVersionError(RuntimeError):
+    """The Milvus server is too old for this store."""
+
+
+MIN_SERVER_VERSION = (2, 4, 0)
+"""Older servers route the upsert of a partition-keyed row to the wrong partition, so filtered
+reads miss it (milvus-io/milvus#30607, fixed in 2024-02). Measured here on the `pip install milvus`
+server (v2.3.5-lite): 18 turns upserted, `count(*)` 18, a query by tenant returned 2."""
+
+
+def check_server_version(version: str, uri: str) -> None:
+    """Refuse a Milvus server older than MIN_SERVER_VERSION (Milvus Lite reports `milvus_lite-x`)."""
+    if version.startswith("milvus_lite"):
+        return
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version)
+    if m is None:
+        log.warning("Milvus at %s reports version %r; cannot check it is >= %s", uri, version,
+                    ".".join(map(str, MIN_SERVER_VERSION)))
+        return
+    if tuple(int(x) for x in m.groups()) < MIN_SERVER_VERSION:
+        raise MilvusVersionError(
+            f"Milvus at {uri} is {version}; TSUBASA needs {'.'.join(map(str, MIN_SERVER_VERSION))} or newer "
+            "(2.5 for milvus.bm25): older servers upsert partition-keyed rows into the wrong partition and "
+            "a user's reads miss them (milvus-io/milvus#30607)")
+
+
 _OPENED_HERE: set[str] = set()
 
 
@@ -117,11 +144,18 @@ def milvus_client(uri: str, token: str | None, db_name: str):
             if local and uri not in _OPENED_HERE and _lite_file_locked(uri):
                 raise _locked(uri)
             try:
-                _CLIENTS[key] = MilvusClient(**kwargs)
+                client = MilvusClient(**kwargs)
             except Exception as exc:
                 if local and _lite_file_locked(uri):
                     raise _locked(uri) from exc
                 raise
+            if not local:
+                try:
+                    check_server_version(client.get_server_version(), uri)
+                except MilvusVersionError:
+                    client.close()
+                    raise
+            _CLIENTS[key] = client
             if local:
                 _OPENED_HERE.add(uri)
         return _CLIENTS[key]
