@@ -28,6 +28,18 @@ def method_key(name: str) -> str:
     return _SCOPE.sub("", name)
 
 
+def methods(summary: dict[str, dict]) -> dict[str, dict]:
+    """One entry per method: where a file has a method both over all its questions and scoped to the
+    sessions its memory covers ('utterance-rag [dense]' and 'utterance-rag (same convs) [dense]'),
+    the scoped one (the fair comparison with the memory) and only it."""
+    out: dict[str, dict] = {}
+    for name, s in summary.items():
+        key = method_key(name)
+        if key != name or key not in out:
+            out[key] = s
+    return out
+
+
 def aggregate(files: list[Path]) -> dict:
     """Totals per method (all conversations, held out), weighting by each file's question count."""
     per_conv: dict[str, dict] = {}
@@ -45,8 +57,8 @@ def aggregate(files: list[Path]) -> dict:
     for scope, convs in (("all", sorted(per_conv)), ("held_out", sorted(c for c in per_conv if c != TUNING))):
         totals: dict[str, dict] = {}
         for conv in convs:
-            for name, s in per_conv[conv]["summary"].items():
-                t = totals.setdefault(method_key(name), {"questions": 0, "covered": {}, "token_sum": {},
+            for name, s in methods(per_conv[conv]["summary"]).items():
+                t = totals.setdefault(name, {"questions": 0, "covered": {}, "token_sum": {},
                                                          "conversations": []})
                 n = s["questions"]
                 t["questions"] += n
@@ -58,8 +70,8 @@ def aggregate(files: list[Path]) -> dict:
                           "recall": {k: c / max(1, t["questions"]) for k, c in t["covered"].items()},
                           "mean_tokens": {k: v / max(1, t["questions"]) for k, v in t["token_sum"].items()}}
                       for m, t in totals.items()}
-    out["per_conversation"] = {c: {method_key(m): {"questions": s["questions"], "recall": s["recall"]}
-                                   for m, s in v["summary"].items()} for c, v in sorted(per_conv.items())}
+    out["per_conversation"] = {c: {m: {"questions": s["questions"], "recall": s["recall"]}
+                                   for m, s in methods(v["summary"]).items()} for c, v in sorted(per_conv.items())}
     return out
 
 
