@@ -96,3 +96,15 @@ def make_ingest_settings(tmp_path: Path, bootstrap: str, milvus_url: str, **kafk
     # has its own tests (test_memory_writer.py, the inspector and demo e2e on LoCoMo sessions).
     return load_settings(data_dir=tmp_path / "data", milvus={"uri": milvus_url, "collection_prefix": f"t{tag}"},
                          kafka=cfg, memory={"extract_window_turns": 0})
+
+
+@pytest.fixture()
+def cli_env(tmp_path, monkeypatch, tiny_cfg, locomo_path):
+    """Environment for running the `tsubasa` CLI in-process: a fresh data dir, tiny-qwen3, LoCoMo, and
+    a wide terminal so rich tables do not wrap. Returns the test's tmp_path."""
+    monkeypatch.setenv("TSUBASA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TSUBASA_MODEL__NAME", "tiny-qwen3")
+    monkeypatch.setenv("TSUBASA_MODEL__CACHE_DIR", str(tiny_cfg.cache_dir))
+    monkeypatch.setenv("TSUBASA_LOCOMO", str(locomo_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    return tmp_path

@@ -11,14 +11,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch, tiny_cfg, locomo_path):
-    monkeypatch.setenv("TSUBASA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TSUBASA_MODEL__NAME", "tiny-qwen3")
-    monkeypatch.setenv("TSUBASA_MODEL__CACHE_DIR", str(tiny_cfg.cache_dir))
+def env(cli_env, monkeypatch):
     monkeypatch.setenv("TSUBASA_MEMORY__EXTRACT_MAX_NEW_TOKENS", "24")
-    monkeypatch.setenv("TSUBASA_LOCOMO", str(locomo_path))
-    monkeypatch.setenv("COLUMNS", "200")
-    return tmp_path
+    return cli_env
 
 
 def _counts(output: str, title: str) -> str:

@@ -11,18 +11,8 @@ from tsubasa.cli import app
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch, tiny_cfg, locomo_path):
-    monkeypatch.setenv("TSUBASA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("TSUBASA_MODEL__NAME", "tiny-qwen3")
-    monkeypatch.setenv("TSUBASA_MODEL__CACHE_DIR", str(tiny_cfg.cache_dir))
-    monkeypatch.setenv("TSUBASA_LOCOMO", str(locomo_path))
-    monkeypatch.setenv("COLUMNS", "200")
-    return tmp_path
-
-
-def test_eval_locomo_answers_writes_a_report_and_resumes(env):
-    run_dir = env / "run"
+def test_eval_locomo_answers_writes_a_report_and_resumes(cli_env):
+    run_dir = cli_env / "run"
     args = ["eval", "locomo", "-S", "rag-turns,full-context", "-C", "conv-26", "--limit", "2", "--k", "3",
             "--judge", "none", "--memory", "turns", "--max-new-tokens", "4", "--context-tokens", "512",
             "-t", "ev", "-o", str(run_dir)]
