@@ -23,15 +23,14 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import ray
 
 from services.ingest.kafka_io import DeadLetter, make_consumer, make_producer
 from services.ingest.metrics import ConsumerMetrics, PartitionMetrics, RayMetricsExporter
 from services.ingest.session_writer import shard_of
-from services.ingest.tracker import Close, PartitionTracker, SessionKey, UserKey
+from services.ingest.tracker import Close, DoneSessions, InFlight, PartitionTracker, SessionKey, SessionQueue
 from tsubasa.config import Settings
 from tsubasa.schema import Event, EventKind, InvalidEventError, parse_event
 
@@ -50,30 +49,10 @@ class TransientKafkaError(RuntimeError):
 
 @dataclass
 class _Parsed:
+    partition: int
     offset: int
     event: Event
     payload: bytes
-
-
-@dataclass
-class _InFlight:
-    close: Close
-    ref: Any
-    attempts: int = 0
-    actor_failures: int = 0
-    not_before: float = 0.0
-
-
-@dataclass
-class _SessionQueue:
-    """Closed sessions waiting per user (FIFO), at most one per user at a writer."""
-
-    waiting: dict[UserKey, deque[Close]] = field(default_factory=dict)
-    inflight: dict[UserKey, _InFlight] = field(default_factory=dict)
-    retry: dict[UserKey, _InFlight] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return sum(len(q) for q in self.waiting.values()) + len(self.inflight) + len(self.retry)
 
 
 class PartitionConsumer:
@@ -98,8 +77,8 @@ class PartitionConsumer:
         self.trackers = {tp.partition: PartitionTracker(tp.partition, self.consumer.position(tp)) for tp in self.tps}
         self.committed = {p: t.next_offset for p, t in self.trackers.items()}
         self._producer = None
-        self.queue = _SessionQueue()
-        self._done: dict[SessionKey, None] = {}
+        self.queue = SessionQueue()
+        self.done = DoneSessions(self._marker_states, limit=_DONE_CACHE)
         self.m = ConsumerMetrics(name=name, pid=os.getpid())
         self._closed: Counter[str] = Counter()
         self._dlq: Counter[str] = Counter()
@@ -161,8 +140,8 @@ class PartitionConsumer:
         self._submit_sessions()
         self._backpressure()
         records = self.consumer.poll(timeout_ms=poll_ms, max_records=self.cfg.max_poll_records)
-        for tp in sorted(records, key=lambda tp: tp.partition):
-            self._handle_with_retry(tp.partition, records[tp])
+        if records:
+            self._handle_with_retry({tp.partition: recs for tp, recs in records.items() if recs})
         now = time.monotonic()
         for tp in self.tps:
             closes = self.trackers[tp.partition].idle(now, self.cfg.session_idle_timeout_s, self._caught_up(tp))
@@ -188,49 +167,55 @@ class PartitionConsumer:
         return hw is not None and self.trackers[tp.partition].next_offset >= hw
 
     # ---- records -------------------------------------------------------------------------------
-    def _handle_with_retry(self, partition: int, records: list) -> None:
+    def _handle_with_retry(self, batches: dict[int, list]) -> None:
         delay = max(self.cfg.retry_backoff_s, 0.05)
         while True:
             try:
-                self._handle(partition, records)
+                self._handle(batches)
                 return
             except (StorageUnavailableError, TransientKafkaError) as exc:
-                log.warning("%s: partition %d batch at %d not stored yet (%s); retrying in %.1fs",
-                            self.name, partition, records[0].offset, exc, delay)
+                log.warning("%s: batch at %s not stored yet (%s); retrying in %.1fs", self.name,
+                            {p: recs[0].offset for p, recs in batches.items() if recs}, exc, delay)
                 if self._stop.is_set():
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    def _handle(self, partition: int, records: list) -> None:
-        tracker = self.trackers[partition]
-        records = [r for r in records if r.offset >= tracker.next_offset]  # a retried batch
-        if not records:
-            return
-        parsed: list[_Parsed] = []
+    def _handle(self, batches: dict[int, list]) -> None:
+        """One poll, all its partitions: validate, then append every partition's turns in one round
+        through the writers (one call per writer, not per partition: appends cost per call), then
+        track each partition's sessions in offset order."""
+        parsed: dict[int, list[_Parsed]] = {}
         dead: list[DeadLetter] = []
-        for r in records:
-            payload = r.value if r.value is not None else b""
-            try:
-                parsed.append(_Parsed(r.offset, parse_event(payload, key=r.key), payload))
-            except InvalidEventError as exc:
-                dead.append(DeadLetter(str(exc), "validation", r.topic, partition, r.offset, r.key, payload))
-        failed = self._store(parsed)
-        for p, reason in failed:
-            dead.append(DeadLetter(reason, "append", self.cfg.topic, partition, p.offset,
+        for partition, records in sorted(batches.items()):
+            records = [r for r in records if r.offset >= self.trackers[partition].next_offset]  # a retried batch
+            batches[partition] = records
+            parsed[partition] = []
+            for r in records:
+                payload = r.value if r.value is not None else b""
+                try:
+                    parsed[partition].append(_Parsed(partition, r.offset, parse_event(payload, key=r.key), payload))
+                except InvalidEventError as exc:
+                    dead.append(DeadLetter(str(exc), "validation", r.topic, partition, r.offset, r.key, payload))
+        self.done.prefetch(key for partition, items in parsed.items() for p in items
+                           if (key := self.trackers[partition].asks_done(p.event)) is not None)
+        for p, reason in self._store([x for ps in parsed.values() for x in ps]):
+            dead.append(DeadLetter(reason, "append", self.cfg.topic, p.partition, p.offset,
                                    p.event.key.encode(), p.payload, attempts=self.cfg.max_retries + 1))
         self._dead_letter(dead)
-        bad = {d.offset for d in dead}
+        bad = {(d.partition, d.offset) for d in dead}
         now = time.monotonic()
         closes: list[Close] = []
-        for r in records:
-            if r.offset in bad:
-                tracker.handled(r.offset)
-        for p in parsed:
-            if p.offset not in bad:
-                closes.extend(tracker.observe(p.event, p.offset, now, self._is_done, p.payload))
-        with self._lock:
-            self.m.consumed += len(records)
+        for partition, records in sorted(batches.items()):
+            tracker = self.trackers[partition]
+            for r in records:
+                if (partition, r.offset) in bad:
+                    tracker.handled(r.offset)
+            for p in parsed[partition]:
+                if (partition, p.offset) not in bad:
+                    closes.extend(tracker.observe(p.event, p.offset, now, self.done, p.payload))
+            with self._lock:
+                self.m.consumed += len(records)
         self._enqueue(closes)
 
     def _store(self, parsed: list[_Parsed]) -> list[tuple[_Parsed, str]]:
@@ -295,19 +280,8 @@ class PartitionConsumer:
             log.warning("%s: dead-lettered %s:%d@%d (%s): %s", self.name, d.topic, d.partition, d.offset, d.stage,
                         d.reason[:300])
 
-    def _is_done(self, key: SessionKey) -> bool:
-        if key in self._done:
-            return True
-        state = self.store.session_state(*key)
-        if state is not None and state.state == "done":
-            self._remember_done(key)
-            return True
-        return False
-
-    def _remember_done(self, key: SessionKey) -> None:
-        self._done[key] = None
-        if len(self._done) > _DONE_CACHE:
-            self._done.pop(next(iter(self._done)))
+    def _marker_states(self, keys: list[SessionKey]) -> dict[SessionKey, str]:
+        return {k: st.state for k, st in self.store.session_states(keys).items()}
 
     # ---- sessions ------------------------------------------------------------------------------
     def _enqueue(self, closes: list[Close]) -> None:
@@ -318,7 +292,7 @@ class PartitionConsumer:
         for c in closes:
             self.queue.waiting.setdefault(c.user, deque()).append(c)
 
-    def _submit(self, item: _InFlight) -> None:
+    def _submit(self, item: InFlight) -> None:
         c = item.close
         writer = self.writers[shard_of(c.tenant_id, c.user_id, len(self.writers))]
         item.ref = writer.process.remote(c.tenant_id, c.user_id, c.session_id)
@@ -334,7 +308,7 @@ class PartitionConsumer:
             if user in self.queue.inflight or user in self.queue.retry:
                 continue
             if q:
-                self._submit(_InFlight(q.popleft(), None))
+                self._submit(InFlight(q.popleft(), None))
             if not q:
                 del self.queue.waiting[user]
 
@@ -372,14 +346,14 @@ class PartitionConsumer:
 
     def _finish(self, c: Close, skipped: bool) -> None:
         self.trackers[c.partition].finished(c.key)
-        self._remember_done(c.key)
+        self.done.remember(c.key)
         with self._lock:
             if skipped:
                 self.m.sessions_skipped += 1
             else:
                 self.m.sessions_processed += 1
 
-    def _session_failed(self, item: _InFlight, reason: str) -> None:
+    def _session_failed(self, item: InFlight, reason: str) -> None:
         c = item.close
         payload = c.trigger_payload or (
             f'{{"tenant_id": "{c.tenant_id}", "user_id": "{c.user_id}", "session_id": "{c.session_id}", '

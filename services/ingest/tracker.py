@@ -15,8 +15,10 @@ from there is cheap and safe: stored turns are skipped by event id, and a proces
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from tsubasa.schema import Event, EventKind
 
@@ -53,6 +55,44 @@ class Close:
     @property
     def user(self) -> UserKey:
         return (self.tenant_id, self.user_id)
+
+
+class DoneSessions:
+    """Which sessions were processed: a bounded cache in front of the store's `done` markers.
+
+    The tracker asks once per session it has not seen open (a replayed or late event of a
+    processed session must not reopen it). `prefetch` reads the markers of every session a poll
+    may open in one call; a key it did not cover costs one read of its own."""
+
+    def __init__(self, read: Callable[[list[SessionKey]], dict[SessionKey, str]], limit: int = 200_000) -> None:
+        self._read = read
+        """keys -> their marker state (`done`, `extracted`, ...); keys without a marker absent."""
+        self.limit = limit
+        self._done: dict[SessionKey, None] = {}
+        self._not_done: set[SessionKey] = set()  # as read by the latest prefetch
+
+    def prefetch(self, keys: Iterable[SessionKey]) -> None:
+        want = sorted({k for k in keys if k not in self._done})
+        states = self._read(want) if want else {}
+        done = {k for k, state in states.items() if state == "done"}
+        for k in done:
+            self.remember(k)
+        self._not_done = set(want) - done
+
+    def __call__(self, key: SessionKey) -> bool:
+        if key in self._done:
+            return True
+        if key in self._not_done:
+            return False
+        if self._read([key]).get(key) == "done":
+            self.remember(key)
+            return True
+        return False
+
+    def remember(self, key: SessionKey) -> None:
+        self._done[key] = None
+        if len(self._done) > self.limit:
+            self._done.pop(next(iter(self._done)))
 
 
 class PartitionTracker:
@@ -95,6 +135,14 @@ class PartitionTracker:
             cur.last_seen = now
         return closes
 
+    def asks_done(self, ev: Event) -> SessionKey | None:
+        """The session `observe(ev)` would ask `is_done` about, if any (for `DoneSessions.prefetch`)."""
+        key: SessionKey = (ev.tenant_id, ev.user_id, ev.session_id)
+        cur = self.open.get((ev.tenant_id, ev.user_id))
+        if key in self.closing or (cur is not None and cur.session_id == ev.session_id):
+            return None
+        return key
+
     def handled(self, offset: int) -> None:
         """A record that opens nothing (dead-lettered) was dealt with."""
         self.next_offset = max(self.next_offset, offset + 1)
@@ -128,3 +176,26 @@ class PartitionTracker:
     @property
     def pending(self) -> int:
         return len(self.closing)
+
+
+@dataclass
+class InFlight:
+    """A closed session handed to its user's writer (`ref`: the pending call), with its retries."""
+
+    close: Close
+    ref: Any
+    attempts: int = 0
+    actor_failures: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class SessionQueue:
+    """Closed sessions waiting per user (FIFO), at most one per user at a writer."""
+
+    waiting: dict[UserKey, deque[Close]] = field(default_factory=dict)
+    inflight: dict[UserKey, InFlight] = field(default_factory=dict)
+    retry: dict[UserKey, InFlight] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.waiting.values()) + len(self.inflight) + len(self.retry)

@@ -186,3 +186,17 @@ def test_inspection_reads_stay_inside_one_user(store, embedder):
     assert [(v.version, v.op, v.observation_id) for v in store.user_history("acme", "u1")] == [
         (1, EvolutionOp.ADD, "o1"), (2, EvolutionOp.UPDATE, "o2")]
     assert store.user_history("globex", "u1") == []
+
+
+def test_session_markers_are_read_in_one_batch_per_tenant_and_user(store):
+    """The ingest consumer reads the markers of every session a poll may open at once; each key is
+    its own (tenant, user, session): the same session id of another user or tenant is another marker."""
+    store.set_session_state("acme", "u1", "s1", "done", 3)
+    store.set_session_state("acme", "u2", "s1", "extracted", 2)
+    keys = [("acme", "u1", "s1"), ("acme", "u2", "s1"), ("globex", "u1", "s1"), ("acme", "u1", "s2")]
+    states = store.session_states(keys)
+    assert {k: (v.state, v.n_observations) for k, v in states.items()} == {
+        ("acme", "u1", "s1"): ("done", 3), ("acme", "u2", "s1"): ("extracted", 2)}
+    assert store.session_states([]) == {}
+    assert store.session_state("globex", "u1", "s1") is None
+    assert store.session_state("acme", "u1", "s1").state == "done"

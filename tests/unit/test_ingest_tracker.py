@@ -87,3 +87,35 @@ def test_dead_letter_record_keeps_the_original_bytes():
     assert rec["reason"] == "not valid JSON" and rec["source"] == {"topic": "events", "partition": 3, "offset": 41,
                                                                    "key": "k"}
     assert DeadLetter.original_payload(rec) == raw
+
+
+def test_done_sessions_reads_a_polls_markers_once():
+    """The consumer asks about each session it has not seen open; a prefetch answers a whole poll
+    in one read, and a key it did not cover costs a read of its own."""
+    from services.ingest.tracker import DoneSessions
+
+    markers = {("t", "u1", "s1"): "done", ("t", "u2", "s1"): "extracted"}
+    reads: list[list] = []
+
+    def read(keys):
+        reads.append(list(keys))
+        return {k: markers[k] for k in keys if k in markers}
+
+    done = DoneSessions(read, limit=2)
+    t = PartitionTracker(0, start_offset=0)
+    events = [ev("u1", "s1", 0), ev("u2", "s1", 0), ev("u3", "s1", 0)]
+    done.prefetch(k for e in events if (k := t.asks_done(e)) is not None)
+    assert reads == [[("t", "u1", "s1"), ("t", "u2", "s1"), ("t", "u3", "s1")]]
+    # u1's session is processed: its replayed event is late and opens nothing; the others open
+    assert [t.observe(e, i, 0.0, done) for i, e in enumerate(events)] == [[], [], []]
+    assert t.late_events == 1 and set(t.open) == {("t", "u2"), ("t", "u3")}
+    assert len(reads) == 1
+    # an event of an open session is not asked about; a key the prefetch did not cover is read alone
+    assert t.asks_done(ev("u2", "s1", 1)) is None
+    assert done(("t", "u9", "s1")) is False and reads[-1] == [("t", "u9", "s1")]
+    # remembered keys are not read again; the cache is bounded
+    done.remember(("t", "u5", "s1"))
+    done.remember(("t", "u6", "s1"))
+    assert done(("t", "u6", "s1")) is True and len(reads) == 2
+    done.prefetch([("t", "u6", "s1")])
+    assert len(reads) == 2

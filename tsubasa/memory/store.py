@@ -100,6 +100,7 @@ class MemoryStore(Protocol):
                      text: str | None = None, stale_ok: bool = False) -> list[tuple[Turn, float]]: ...
     def open_sessions(self, tenant_id: str, user_id: str) -> list[str]: ...
     def session_state(self, tenant_id: str, user_id: str, session_id: str) -> SessionState | None: ...
+    def session_states(self, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], SessionState]: ...
     def set_session_state(self, tenant_id: str, user_id: str, session_id: str, state: str, n: int) -> None: ...
     def upsert_observations(self, obs: Sequence[Observation], vectors: np.ndarray) -> None: ...
     def session_observations(self, tenant_id: str, user_id: str, session_id: str) -> list[StoredObservation]: ...
@@ -215,12 +216,17 @@ class MilvusStore(StoreInspection):
 
     # ---- session markers ----------------------------------------------------------------------
     def session_state(self, tenant_id: str, user_id: str, session_id: str) -> SessionState | None:
-        pk = stable_id(tenant_id, user_id, session_id, prefix="s")
-        rows = self._get(SESSIONS, [pk], ["state", "n", "updated_at"])
-        if not rows:
-            return None
-        r = rows[0]
-        return SessionState(state=r["state"], n_observations=r["n"], updated_at=from_ms(r["updated_at"]))
+        return self.session_states([(tenant_id, user_id, session_id)]).get((tenant_id, user_id, session_id))
+
+    def session_states(self, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str], SessionState]:
+        """The markers of many sessions, (tenant, user, session) -> state, in one read; sessions
+        without a marker are absent."""
+        by_pk = {stable_id(*k, prefix="s"): k for k in keys}
+        if not by_pk:
+            return {}
+        rows = self._get(SESSIONS, list(by_pk), ["id", "state", "n", "updated_at"])
+        return {by_pk[r["id"]]: SessionState(state=r["state"], n_observations=r["n"],
+                                             updated_at=from_ms(r["updated_at"])) for r in rows}
 
     def set_session_state(self, tenant_id: str, user_id: str, session_id: str, state: str, n: int) -> None:
         pk = stable_id(tenant_id, user_id, session_id, prefix="s")
