@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from tsubasa.eval.locomo import CATEGORY_NAMES  # noqa: E402
 from tsubasa.eval.runner import read_rows  # noqa: E402
-from tsubasa.eval.stats import bootstrap_mean, paired_difference  # noqa: E402
+from tsubasa.stats import bootstrap_mean, paired_difference  # noqa: E402
 
 # The paper's ordering (Table 2): RAG(utterance) < RAG(observation) <= static <= evolving.
 ORDERINGS = [("rag-turns@k=3", "<", "rag-observations@k=3"), ("rag-observations@k=3", "<=", "memory-static@k=3"),

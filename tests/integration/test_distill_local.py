@@ -71,16 +71,36 @@ def test_local_distill_registry_cli_and_eval_systems(seeded, store, embedder, ti
         build_system("tsubasa-d3", ctx).answer(q)
 
 
-def test_internalisation_measure(seeded, store, embedder, tiny_engine):
-    from tsubasa.distill.measure import run_internalisation
+def test_internalisation_measure(seeded, store, tmp_path):
+    """`tsubasa distill internalise`: every condition with a bootstrap interval, and the paired
+    differences the paper's orderings are read from, in the table and in the JSON."""
+    import json
 
-    report = run_internalisation(seeded, "acme", "alice", [1, 5], engine=tiny_engine, embedder=embedder, store=store)
+    from tsubasa.cli import app
+
+    out = tmp_path / "internalise.json"
+    res = CliRunner(env={"COLUMNS": "220"}).invoke(
+        app, ["distill", "internalise", "-t", "acme", "-u", "alice", "--d", "1,5", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "95% CI" in res.output and "paired differences on the same questions" in res.output
+    report = json.loads(out.read_text())
     labels = [r["label"] for r in report["rows"]]
     assert labels == ["before (base model, k=3)", "after d=1 (k=3)", "after d=5 (k=3)",
                       "before (base model, no grounding)", "after no-grounding d=5"]
     assert report["n_heldout"] >= 1
     for r in report["rows"]:
         assert r["mean_kl"] >= 0 and 0 <= r["agreement"] <= 1
+        assert len(r["kl_per_question"]) == len(r["qa_ids"]) == r["n_questions"] == report["n_heldout"]
+        assert r["kl_ci"]["lo"] <= r["mean_kl"] <= r["kl_ci"]["hi"]
+        assert r["agreement_ci"]["lo"] <= r["agreement"] <= r["agreement_ci"]["hi"]
+    # each adapter against its base, the paper's d against the other d, grounded against not
+    pairs = [(c["a"], c["b"]) for c in report["comparisons"]]
+    assert pairs == [("after d=1 (k=3)", labels[0]), ("after d=5 (k=3)", labels[0]), (labels[4], labels[3]),
+                     ("after d=5 (k=3)", "after d=1 (k=3)"), ("after d=5 (k=3)", labels[4])]
+    rows = {r["label"]: r for r in report["rows"]}
+    c = report["comparisons"][3]
+    diffs = [a - b for a, b in zip(rows[c["a"]]["kl_per_question"], rows[c["b"]]["kl_per_question"], strict=True)]
+    assert c["kl_diff"]["mean"] == pytest.approx(sum(diffs) / len(diffs))
 
 
 def test_student_grounding_is_what_serving_retrieves(seeded, store, embedder, tiny_engine):

@@ -192,12 +192,22 @@ def internalise(
             fail(str(exc), code=1)
     table = Table(title=f"internalisation on {report['n_heldout']} held-out questions of {tenant}/{user} "
                         f"({settings.model.name})")
-    for col in ("condition", "adapter", "k", "mean KL teacher->student (nats/token)", "agreement"):
+    for col in ("condition", "adapter", "k", "mean KL teacher->student (nats/token), 95% CI", "agreement, 95% CI"):
         table.add_column(col)
     for r in report["rows"]:
-        table.add_row(r["label"], r["adapter"] or "(base)", str(r["grounding_k"]), f"{r['mean_kl']:.4f}",
-                      f"{r['agreement']:.2f}")
+        kl, ag = r["kl_ci"], r["agreement_ci"]
+        table.add_row(r["label"], r["adapter"] or "(base)", str(r["grounding_k"]),
+                      f"{r['mean_kl']:.4f} [{kl['lo']:.4f}, {kl['hi']:.4f}]",
+                      f"{r['agreement']:.2f} [{ag['lo']:.2f}, {ag['hi']:.2f}]")
     console.print(table)
+    pairs = Table(title="paired differences on the same questions (a - b; KL lower is better)")
+    for col in ("a", "b", "KL diff, 95% CI", "agreement diff, 95% CI"):
+        pairs.add_column(col)
+    for c in report["comparisons"]:
+        kl, ag = c["kl_diff"], c["agreement_diff"]
+        pairs.add_row(c["a"], c["b"], f"{kl['mean']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]",
+                      f"{ag['mean']:+.2f} [{ag['lo']:+.2f}, {ag['hi']:+.2f}]")
+    console.print(pairs)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -4,7 +4,9 @@ context) on a user's held-out synthetic questions. Works with any model size, ne
 For each held-out question the teacher answers greedily from its rich prompt; on the tokens of that
 answer (EOS included) we take the exact full-vocabulary KL(teacher || student) per token, and compare
 the student's own greedy answer with the teacher's (normalised text equality). Run it with the base
-model (no adapter: "before") and with an adapter ("after").
+model (no adapter: "before") and with an adapter ("after"). Each row keeps its per-question values,
+so means carry bootstrap intervals and two conditions compare pairwise on the same questions
+(`compare`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tsubasa.distill.prompts import student_messages
 from tsubasa.distill.synth import normalise_answer
 from tsubasa.distill.teacher import QATargets, UserDataset
 from tsubasa.llm.base import Messages, SamplingParams
+from tsubasa.stats import Interval, bootstrap_mean, paired_difference
 
 
 class Condition(BaseModel):
@@ -38,6 +41,37 @@ class InternalisationRow(BaseModel):
     """Mean over questions of the per-token KL(teacher || student), nats."""
     agreement: float
     """Share of questions where the student's greedy answer equals the teacher's."""
+    kl_ci: Interval
+    agreement_ci: Interval
+    qa_ids: list[str]
+    kl_per_question: list[float]
+    agree_per_question: list[bool]
+
+
+class Comparison(BaseModel):
+    """`a` against `b` on the same held-out questions: mean(a - b) with a paired bootstrap interval.
+    Lower KL is better, higher agreement is better."""
+
+    a: str
+    b: str
+    kl_diff: Interval
+    agreement_diff: Interval
+
+
+def compare(rows: Sequence[InternalisationRow], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
+    """Paired differences for (a label, b label) pairs; pairs naming a missing label are skipped."""
+    by = {r.label: r for r in rows}
+    out = []
+    for a, b in pairs:
+        if a not in by or b not in by:
+            continue
+        ra, rb = by[a], by[b]
+        if ra.qa_ids != rb.qa_ids:
+            raise ValueError(f"{a!r} and {b!r} were measured on different questions")
+        out.append(Comparison(a=a, b=b, kl_diff=paired_difference(ra.kl_per_question, rb.kl_per_question),
+                              agreement_diff=paired_difference([float(x) for x in ra.agree_per_question],
+                                                               [float(x) for x in rb.agree_per_question])))
+    return out
 
 
 def _logprobs(engine: Any, messages: Messages, cont: Sequence[int], adapter: str | None) -> Any:
@@ -93,5 +127,8 @@ def measure(engine: Any, dataset: UserDataset, conditions: Sequence[Condition], 
             agree.append(normalise_answer(g.text) == normalise_answer(r.answer))
         rows.append(InternalisationRow(label=cond.label, adapter=cond.adapter, grounding_k=cond.grounding_k,
                                        n_questions=len(items), mean_kl=float(np.mean(kls)),
-                                       agreement=float(np.mean(agree))))
+                                       agreement=float(np.mean(agree)), kl_ci=bootstrap_mean(kls),
+                                       agreement_ci=bootstrap_mean([float(a) for a in agree]),
+                                       qa_ids=[it.qa.qa_id for it in items], kl_per_question=kls,
+                                       agree_per_question=agree))
     return rows

@@ -17,7 +17,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
                         progress: Callable[[str, int, int], None] | None = None, engine: Any = None,
                         embedder: Any = None, store: Any = None) -> dict[str, Any]:
     from tsubasa.distill.batched import BatchedStudent, train_user
-    from tsubasa.distill.internalise import Condition, measure, teacher_reference
+    from tsubasa.distill.internalise import Condition, compare, measure, teacher_reference
     from tsubasa.distill.pipeline import prepare_dataset, synth_engine_for
     from tsubasa.distill.synth import JsonCache, UserCorpus
     from tsubasa.distill.train import TrainSpec
@@ -51,19 +51,28 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
         engine.unload_adapter(name)  # a re-run replaces the previous weights
         engine.load_adapter(name, str(trained.out_dir))
     k = cfg.grounding_k
-    conds = [Condition(label=f"before (base model, k={k})", adapter=None, grounding_k=k)]
-    conds += [Condition(label=f"after d={s.d} (k={k})", adapter=f"internalise:{tenant_id}/{user_id}/{s.tag}",
+    before, before_ng = f"before (base model, k={k})", "before (base model, no grounding)"
+    after = {s.d: f"after d={s.d} (k={k})" for s in specs[:-1]}
+    after_ng = f"after no-grounding d={cfg.top_d}"
+    conds = [Condition(label=before, adapter=None, grounding_k=k)]
+    conds += [Condition(label=after[s.d], adapter=f"internalise:{tenant_id}/{user_id}/{s.tag}",
                         grounding_k=k) for s in specs[:-1]]
-    conds += [Condition(label="before (base model, no grounding)", adapter=None, grounding_k=0),
-              Condition(label=f"after no-grounding d={cfg.top_d}", grounding_k=0,
-                        adapter=f"internalise:{tenant_id}/{user_id}/{specs[-1].tag}")]
+    conds += [Condition(label=before_ng, adapter=None, grounding_k=0),
+              Condition(label=after_ng, grounding_k=0, adapter=f"internalise:{tenant_id}/{user_id}/{specs[-1].tag}")]
+    # each adapter against the base model it started from; the paper's d against every other d; the
+    # grounded adapter against the one trained and asked without grounding
+    pairs = [(after[d], before) for d in after] + [(after_ng, before_ng)]
+    if cfg.top_d in after:
+        pairs += [(after[cfg.top_d], after[d]) for d in after if d != cfg.top_d] + [(after[cfg.top_d], after_ng)]
     if progress:
         progress("teacher answers", 0, 1)
     ref = teacher_reference(engine, ds.heldout, max_new_tokens=cfg.max_answer_words * 3)
     rows = measure(engine, ds, conds, max_new_tokens=cfg.max_answer_words * 3, reference=ref, on_condition=progress)
+    comparisons = compare(rows, pairs)
     return {"tenant_id": tenant_id, "user_id": user_id, "model": settings.model.name, "n_heldout": len(ds.heldout),
             "n_train": len(ds.train), "dataset": ds.stats, "training": training,
             "config": cfg.model_dump(include={"lora_rank", "lora_alpha", "epochs", "learning_rate", "batch_size",
                                               "grounding_k", "qa_per_user", "synth_mode", "top_d"}),
             "teacher_answers": [r.model_dump() for r in ref],
-            "rows": [r.model_dump() for r in rows]}
+            "rows": [r.model_dump() for r in rows],
+            "comparisons": [c.model_dump() for c in comparisons]}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tsubasa.eval.stats import bootstrap_mean, paired_difference
+from tsubasa.stats import bootstrap_mean, paired_difference
 
 
 def test_constant_scores_give_a_point_interval():

@@ -1,5 +1,6 @@
 """Bootstrap confidence intervals for per-question scores: a system's mean, and the paired difference
-between two systems answering the same questions (resampling questions, not rows of either system)."""
+between two systems answering the same questions (resampling questions, not rows of either system).
+Used by the evaluation harness (LoCoMo F1) and by the reading wing's internalisation measure."""
 
 from __future__ import annotations
 
