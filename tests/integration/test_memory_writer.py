@@ -296,3 +296,33 @@ def test_merge_into_a_dissimilar_memory_is_added_instead(store, embedder):
     assert results[0].fallbacks == 1 and replies.n_decide == 1
     (o,) = [o for o in store.session_observations("acme", "caro", "s1")]
     assert o.decision.op == EvolutionOp.ADD and "target similarity" in o.decision.reason
+
+
+def test_candidates_listed_nearest_last_map_the_listed_number_back(store, embedder):
+    """`memory.candidate_order: nearest_last` lists the nearest memory last; the number the manager
+    answers is the number as listed, and the memory it names is the one changed."""
+    cfg = forced_llm_cfg(candidate_order="nearest_last")
+    first = Replies({"Conversation between": "\n".join([
+        "- Caroline adopted a dog named Max.", "- Caroline started pottery classes.", "- Caroline bought a camper."])},
+        ["OPERATION: ADD\nMEMORY:", "OPERATION: ADD\nMEMORY:"])
+    MemoryWriter(store, embedder, ScriptedEngine(first), cfg).ingest(
+        session("acme", "caro", "s1", 0, ["Dogs, pottery and a camper."]))
+    assert len(store.list_memories("acme", "caro")) == 3
+    shown: list[list[str]] = []
+
+    def decide(prompt):
+        text = prompt[-1].content
+        if is_extraction(prompt):
+            return "- Caroline's dog Max learned to fetch."
+        listed = [ln for ln in text.split("Existing memories:\n", 1)[1].split("\n\n", 1)[0].splitlines()]
+        shown.append(listed)
+        n = next(ln.split(".", 1)[0] for ln in listed if "dog" in ln)
+        return f"OPERATION: UPDATE {n}\nMEMORY: Caroline adopted a dog named Max, who learned to fetch."
+
+    MemoryWriter(store, embedder, ScriptedEngine(decide), cfg).ingest(
+        session("acme", "caro", "s2", 1, ["Max learned to fetch!"]))
+    (listed,) = shown
+    assert len(listed) == 3 and "dog" in listed[-1] and listed[-1].startswith("3. ")  # the nearest, last
+    texts = sorted(m.text for m in store.list_memories("acme", "caro"))
+    assert texts == ["Caroline adopted a dog named Max, who learned to fetch.", "Caroline bought a camper.",
+                     "Caroline started pottery classes."]

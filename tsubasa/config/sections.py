@@ -133,6 +133,10 @@ class MemoryConfig(BaseModel):
     trained, or their training and serving grounding differ."""
     evolve_candidates: int = Field(5, ge=1, le=50)
     """Existing memories shown to the manager LLM for each new observation."""
+    candidate_order: Literal["nearest_first", "nearest_last"] = "nearest_first"
+    """How the manager's numbered candidates are listed. A 1.5B manager named the last-listed memory
+    in most targeted decisions whatever it said (LoCoMo conv-26), so listing the nearest last points
+    that bias at the likeliest target."""
     add_below_similarity: float = Field(0.30, ge=-1.0, le=1.0)
     """If the nearest memory is less similar than this, ADD without asking the LLM."""
     ignore_above_similarity: float = Field(0.97, ge=-1.0, le=1.0)

@@ -167,13 +167,18 @@ class MemoryManager:
             else:
                 out[i] = (d, cands)
         if asks:
+            last = self.cfg.candidate_order == "nearest_last"
             prompts_ = [msgs(("system", prompts.DECIDE_SYSTEM), ("user", prompts.DECIDE_USER.format(
-                candidates="\n".join(f"{j}. {dated(m.text, m.event_date)}" for j, m in enumerate(cands, 1)),
+                candidates="\n".join(f"{j}. {dated(m.text, m.event_date)}"
+                                     for j, m in enumerate(cands[::-1] if last else cands, 1)),
                 observation=dated(obs.text, obs.event_date)))) for _, obs, cands in asks]
             self.stats.llm_calls += len(asks)
             replies = self.engine.generate(prompts_, SamplingParams(max_new_tokens=self.cfg.decide_max_new_tokens))
             for (i, obs, cands), reply in zip(asks, replies, strict=True):
-                d = self._checked(parse_decision(reply.text, len(cands)), obs, cands, reply.text)
+                d = parse_decision(reply.text, len(cands))
+                if last and d is not None and d.target is not None:  # the number as listed -> nearest-first
+                    d.target = len(cands) + 1 - d.target
+                d = self._checked(d, obs, cands, reply.text)
                 if d.target is not None:
                     d.target_memory_id = cands[d.target - 1].memory_id
                 out[i] = (d, cands)
