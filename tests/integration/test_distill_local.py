@@ -118,3 +118,27 @@ def test_student_grounding_is_what_serving_retrieves(seeded, store, embedder, ti
         served = retriever.retrieve("acme", "alice", it.qa.question, k=cfg.grounding_k)
         assert sorted(it.grounding) == sorted(g.text for g in served.items)
         assert all(text.startswith("[") and not text.startswith("[20") for text in it.grounding)  # "[7 May 2023]"
+
+
+def test_internalisation_reuses_adapters_distill_published(seeded, store, embedder, tiny_engine):
+    """An adapter `tsubasa distill` published for the same variant, d and training questions is
+    measured, not trained again; one trained with other settings is not taken for it."""
+    from tsubasa.distill.measure import run_internalisation
+    from tsubasa.distill.pipeline import distill_local
+    from tsubasa.distill.train import TrainSpec
+
+    cfg = seeded.distill
+    for spec in (TrainSpec.from_config(cfg, "tsubasa", 5), TrainSpec.from_config(cfg, "no_grounding", 5)):
+        [r] = distill_local(seeded, [("acme", "alice")], spec, engine=tiny_engine, embedder=embedder, store=store)
+        assert r.version == 1
+    d1, d5, ng = (TrainSpec.from_config(cfg, "tsubasa", 1).tag, TrainSpec.from_config(cfg, "tsubasa", 5).tag,
+                  TrainSpec.from_config(cfg, "no_grounding", 5).tag)
+    report = run_internalisation(seeded, "acme", "alice", [1, 5], engine=tiny_engine, embedder=embedder, store=store)
+    training = report["training"]
+    assert training[d5]["reused"] == "acme/alice/v0001" and training[ng]["reused"] == "acme/alice/v0001"
+    assert "reused" not in training[d1] and training[d1]["wall_s"] > 0  # nothing published for d=1
+    assert [r["n_questions"] for r in report["rows"]] == [report["n_heldout"]] * 5
+
+    other = seeded.model_copy(update={"distill": cfg.model_copy(update={"learning_rate": cfg.learning_rate * 2})})
+    report = run_internalisation(other, "acme", "alice", [5], engine=tiny_engine, embedder=embedder, store=store)
+    assert all("reused" not in t for t in report["training"].values())

@@ -163,6 +163,9 @@ def internalise(
     model: str | None = typer.Option(None, "--model", "-m"),
     milvus: str | None = typer.Option(None, "--milvus"),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the rows as JSON here."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse",
+                               help="Measure adapters `tsubasa distill` published for the same variant, d and "
+                                    "training questions instead of training them again."),
     config: Path | None = ConfigOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -187,7 +190,7 @@ def internalise(
             bar.update(task, description=stage, completed=done, total=total)
 
         try:
-            report = run_internalisation(settings, tenant, user, d_values, progress=cb)
+            report = run_internalisation(settings, tenant, user, d_values, progress=cb, reuse_published=reuse)
         except (ValueError, KeyError) as exc:
             fail(str(exc), code=1)
     table = Table(title=f"internalisation on {report['n_heldout']} held-out questions of {tenant}/{user} "
@@ -200,6 +203,9 @@ def internalise(
                       f"{r['mean_kl']:.4f} [{kl['lo']:.4f}, {kl['hi']:.4f}]",
                       f"{r['agreement']:.2f} [{ag['lo']:.2f}, {ag['hi']:.2f}]")
     console.print(table)
+    for tag, t in report["training"].items():
+        console.print(f"{tag}: " + (f"published adapter {t['reused']} reused" if "reused" in t
+                                    else f"trained in {t['wall_s']:.0f} s"))
     pairs = Table(title="paired differences on the same questions (a - b; KL lower is better)")
     for col in ("a", "b", "KL diff, 95% CI", "agreement diff, 95% CI"):
         pairs.add_column(col)

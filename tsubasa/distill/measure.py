@@ -1,7 +1,10 @@
 """The internalisation experiment for one user: train adapters for several d (and without grounding)
 on the user's training QA, then measure each on the held-out QA against the teacher, before and
-after (see `internalise.py`). Measurement adapters are written under `<distill_dir>/internalise/`,
-never into a registry: measuring does not change what serving uses."""
+after (see `internalise.py`). An adapter that `tsubasa distill` already published for the same
+variant, d and LoRA settings on exactly these training questions (`published_for`: same split
+hash) is measured instead of trained again, so the LoCoMo ablation and this measure share their
+adapters. Adapters it trains are written under `<distill_dir>/internalise/`, never into a registry:
+measuring does not change what serving uses."""
 
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ from tsubasa.config import Settings
 
 def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_values: Sequence[int],
                         progress: Callable[[str, int, int], None] | None = None, engine: Any = None,
-                        embedder: Any = None, store: Any = None) -> dict[str, Any]:
+                        embedder: Any = None, store: Any = None, reuse_published: bool = True) -> dict[str, Any]:
     from tsubasa.distill.batched import BatchedStudent, train_user
     from tsubasa.distill.internalise import Condition, compare, measure, teacher_reference
-    from tsubasa.distill.pipeline import prepare_dataset, synth_engine_for
+    from tsubasa.distill.pipeline import prepare_dataset, published_for, registry_for, synth_engine_for
     from tsubasa.distill.synth import JsonCache, UserCorpus
     from tsubasa.distill.train import TrainSpec
     from tsubasa.embed import load_embedder
@@ -39,16 +42,23 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     specs = [TrainSpec.from_config(cfg, "tsubasa", d) for d in d_values]
     specs.append(TrainSpec.from_config(cfg, "no_grounding", cfg.top_d))
     out_root = Path(settings.distill_dir) / "internalise" / tenant_id / user_id
-    student = BatchedStudent(settings.model, cfg, slots=1)
-    training: dict[str, dict[str, float]] = {}
+    student = None  # loaded only if an adapter must be trained
+    training: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(specs):
+        name = f"internalise:{tenant_id}/{user_id}/{spec.tag}"
+        engine.unload_adapter(name)  # a re-run replaces the previous weights
+        reg = registry_for(settings, spec)
+        published = published_for(reg, ds, spec, cfg) if reuse_published else None
+        if published is not None:  # `tsubasa distill --variant/--d` trained it on these very questions
+            training[spec.tag] = {**published.manifest.metrics, "reused": published.name}
+            engine.load_adapter(name, reg.local_path(published))
+            continue
         if progress:
             progress(f"train {spec.tag}", i, len(specs))
         t0 = time.perf_counter()
+        student = student or BatchedStudent(settings.model, cfg, slots=1)
         trained = train_user(student, ds, spec, cfg, out_root / spec.tag)
         training[spec.tag] = {**trained.metrics, "wall_s": time.perf_counter() - t0}
-        name = f"internalise:{tenant_id}/{user_id}/{spec.tag}"
-        engine.unload_adapter(name)  # a re-run replaces the previous weights
         engine.load_adapter(name, str(trained.out_dir))
     k = cfg.grounding_k
     before, before_ng = f"before (base model, k={k})", "before (base model, no grounding)"

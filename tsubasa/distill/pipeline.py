@@ -85,7 +85,24 @@ def make_manifest(dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig, tar
         d=spec.d if spec.loss == "topd_kl" else 1, loss=spec.loss, data_hash=dataset.data_hash,
         metrics=metrics, n_examples=n_examples, grounding_k=spec.grounding_k, variant=spec.variant,
         target_modules=list(target_modules), memory_watermark=dataset.memory_watermark,
-        extra={"tag": spec.tag, "epochs": str(cfg.epochs), "lr": str(cfg.learning_rate), **extra})
+        extra={"tag": spec.tag, "epochs": str(cfg.epochs), "lr": str(cfg.learning_rate), "split": dataset.split_hash,
+               **extra})
+
+
+def published_for(registry: AdapterRegistry, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig,
+                  ) -> AdapterVersion | None:
+    """The user's current published adapter if it was trained as `spec` with `cfg`'s LoRA settings
+    on exactly the dataset's training questions (same `split_hash`), else None."""
+    v = registry.current(dataset.tenant_id, dataset.user_id)
+    if v is None:
+        return None
+    m = v.manifest
+    same = (m.extra.get("split") == dataset.split_hash and m.base_model == dataset.base_model
+            and m.variant == spec.variant and m.loss == spec.loss and m.grounding_k == spec.grounding_k
+            and m.d == (spec.d if spec.loss == "topd_kl" else 1) and m.rank == cfg.lora_rank
+            and m.alpha == cfg.lora_alpha and m.extra.get("epochs") == str(cfg.epochs)
+            and m.extra.get("lr") == str(cfg.learning_rate))
+    return v if same else None
 
 
 class UserResult(BaseModel):

@@ -97,6 +97,14 @@ class UserDataset(BaseModel):
     def data_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json(exclude={"stats"}).encode()).hexdigest()[:16]
 
+    @property
+    def split_hash(self) -> str:
+        """Hash of the QA pairs and which are held out, independent of the teacher's top-d: two
+        datasets of one user with the same split_hash train on the same questions (an adapter
+        trained on one may be measured on the other's held-out questions)."""
+        pairs = sorted((x.qa.model_dump_json(), x.heldout) for x in self.items)
+        return hashlib.sha256(repr(pairs).encode()).hexdigest()[:16]
+
 
 def _fit_lines(lines: Sequence[str], count: Callable[[str], int], budget: int,
                anchors: Sequence[int] = ()) -> list[str]:
