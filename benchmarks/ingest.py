@@ -7,7 +7,9 @@ Lite server; session writers run extraction + evolution with the LLM).
 
 Raw log: `--events` turn events (no session ends, idle timeout off), produced after the actors are
 ready; the clock runs from the first produce until every turn is appended (Milvus upsert included;
-turns are embedded on arrival only with `--embed-turns`, the old default). `--session-users 0`
+turns are embedded on arrival only with `--embed-turns`, the old default). Backlog (on by default,
+`--no-backlog` skips it): the same events produced before the service starts, timed from the first
+appended turns until all are in, so the producer is off the cores. `--session-users 0`
 skips the sessions figure. Sessions: `--session-users` users x `--sessions` sessions, each ending with a
 session_end event; the clock runs until every session is processed and committed.
 """
