@@ -5,6 +5,9 @@ Every LLM reply is memoised in a reply cache (benchmarks/replay_cache.py): a kil
 the session it stopped in (processed sessions are skipped by the writer itself), and a second store
 (static accumulation, or another retrieval setting) is rebuilt from the same replies without a call.
 The stores feed benchmarks/retrieval.py (--memory-db) and `tsubasa eval locomo` (--milvus).
+Cost rows give wall and LLM seconds and `cpu_s`, this process's CPU seconds over all its threads
+(llama.cpp runs in-process): unlike wall time it does not grow while the machine is shared or the
+process is stopped.
 
     .venv/bin/python benchmarks/build_memory.py --conversations conv-26 --mode evolving \\
         --db .tsubasa/eval-qwen15/evolving/milvus.db --cost benchmarks/results/writer-cost-qwen15.json
@@ -59,12 +62,13 @@ def main() -> int:
         for i in parse_range(args.sessions, [s.index for s in conv.sessions]):
             sess = conv.session(i)
             calls0, secs0, hits0 = engine.calls, engine.seconds, engine.hits
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             _, results = writer.ingest(session_events(conv, sess, args.tenant, conv.sample_id))
             r = results[0]
             row = {"conversation": conv.sample_id, "session": sess.index, "mode": args.mode,
                    "turns": len(sess.turns), "observations": r.observations, "ops": r.ops,
                    "fallbacks": r.fallbacks, "skipped": r.skipped, "wall_s": time.perf_counter() - t0,
+                   "cpu_s": time.process_time() - cpu0,
                    "llm_calls": engine.calls - calls0, "llm_s": engine.seconds - secs0,
                    "cached_calls": engine.hits - hits0}
             print(f"{conv.sample_id} {sess.session_id}: {'skipped' if r.skipped else ''} {r.observations} obs, "
