@@ -197,12 +197,13 @@ class PartitionConsumer:
                     parsed[partition].append(_Parsed(partition, r.offset, parse_event(payload, key=r.key), payload))
                 except InvalidEventError as exc:
                     dead.append(DeadLetter(str(exc), "validation", r.topic, partition, r.offset, r.key, payload))
-        self.done.prefetch(key for partition, items in parsed.items() for p in items
-                           if (key := self.trackers[partition].asks_done(p.event)) is not None)
         for p, reason in self._store([x for ps in parsed.values() for x in ps]):
             dead.append(DeadLetter(reason, "append", self.cfg.topic, p.partition, p.offset,
                                    p.event.key.encode(), p.payload, attempts=self.cfg.max_retries + 1))
         self._dead_letter(dead)
+        # after the store and the dead letters, which may raise and retry the poll: one marker read per poll
+        self.done.prefetch(key for partition, items in parsed.items() for p in items
+                           if (key := self.trackers[partition].asks_done(p.event)) is not None)
         bad = {(d.partition, d.offset) for d in dead}
         now = time.monotonic()
         closes: list[Close] = []

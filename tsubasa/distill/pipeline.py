@@ -96,13 +96,12 @@ def published_for(registry: AdapterRegistry, dataset: UserDataset, spec: TrainSp
     v = registry.current(dataset.tenant_id, dataset.user_id)
     if v is None:
         return None
-    m = v.manifest
-    same = (m.extra.get("split") == dataset.split_hash and m.base_model == dataset.base_model
-            and m.variant == spec.variant and m.loss == spec.loss and m.grounding_k == spec.grounding_k
-            and m.d == (spec.d if spec.loss == "topd_kl" else 1) and m.rank == cfg.lora_rank
-            and m.alpha == cfg.lora_alpha and m.extra.get("epochs") == str(cfg.epochs)
-            and m.extra.get("lr") == str(cfg.learning_rate))
-    return v if same else None
+    m = v.manifest  # as make_manifest wrote it; the tag names variant, loss, d and k
+    trained_as = (m.extra.get("split"), m.extra.get("tag"), m.base_model, m.rank, m.alpha, m.extra.get("epochs"),
+                  m.extra.get("lr"))
+    wanted = (dataset.split_hash, spec.tag, dataset.base_model, cfg.lora_rank, cfg.lora_alpha, str(cfg.epochs),
+              str(cfg.learning_rate))
+    return v if trained_as == wanted else None
 
 
 class UserResult(BaseModel):
