@@ -65,7 +65,7 @@ def test_hybrid_search_finds_rare_words_and_keeps_tenants_apart(store, embedder)
             store.write_memory(_mem(tenant, "u1", f"m-{tenant}-{i}", f"{tenant}: {t}"), embedder.embed([t])[0],
                                EvolutionOp.ADD, f"o-{tenant}-{i}")
     assert store.bm25 == {"turns": True, "observations": True, "memories": True, "history": False,
-                          "sessions": False}
+                          "sessions": False, "turn_vectors": False}
     q = "adoption agencies"
     vec = embedder.embed([q])[0]
     for tenant in ("acme", "globex"):

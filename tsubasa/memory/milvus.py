@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +35,8 @@ for _name in ("grpc._server", "pymilvus", "pymilvus.client.iterator.query_iterat
     logging.getLogger(_name).addFilter(_LiteNoise())
 
 TURNS, OBSERVATIONS, MEMORIES, HISTORY, SESSIONS = "turns", "observations", "memories", "history", "sessions"
+TURN_VECTORS = "turn_vectors"
+"""Dense vectors of raw turns, filled on demand, apart from the raw log (layout `split`)."""
 SEARCHABLE = (TURNS, OBSERVATIONS, MEMORIES)
 """Collections searched by text (the others are read by key or filter)."""
 SPARSE = "sparse"
@@ -46,7 +48,14 @@ STRONG = "Strong"
 """Consistency of every read that must see this deployment's own latest writes (evolution, dedup,
 markers). Passed per call, so it holds whatever level a collection was created with."""
 EMBEDDED = "embedded"
-"""Turn field: whether `vec` holds the turn's embedding (turns are embedded on demand)."""
+"""Turn field of the `flagged` layout: whether `vec` holds the turn's embedding."""
+TurnLayout = Literal["split", "flagged", "inline"]
+"""Where raw turns keep their vectors. `split` (new collections with BM25): the raw log has text and
+BM25 but no dense vector, and `turn_vectors` holds the vectors of the turns embedded so far, so an
+appended turn costs Milvus no 384 floats (about half the upsert time of the placeholder, measured in
+docs/benchmarks-store.md). `flagged` (new collections without BM25, which need a vector field, and
+stores made before `split`): a placeholder `vec` and the `embedded` flag. `inline`: stores made before
+either, every turn embedded on arrival."""
 
 
 def scope_filter(tenant_id: str, user_id: str | None = None, **equals: str) -> str:
@@ -174,27 +183,20 @@ class MilvusCollections:
         self.dim = cfg.dim
         self.names = {k: f"{cfg.collection_prefix}_{k}" for k in (TURNS, OBSERVATIONS, MEMORIES, HISTORY, SESSIONS)}
         self.bm25: dict[str, bool] = {}
-        self.turn_flags = False
-        """Whether the turn collection has the `embedded` flag (collections made before it have
-        every turn embedded on arrival, and keep it so)."""
+        self.turn_layout: TurnLayout = "split"
         self._ensure_collections()
+
+    @property
+    def turn_flags(self) -> bool:
+        """Whether turns may be stored unembedded (every layout but `inline`)."""
+        return self.turn_layout != "inline"
 
     # ---- schema -------------------------------------------------------------------------------
     def _ensure_collections(self) -> None:
-        from pymilvus import DataType, Function, FunctionType, MilvusClient
-
-        def base(schema, pk_len: int = 64) -> None:
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=pk_len)
-            schema.add_field("tenant_id", DataType.VARCHAR, max_length=128, is_partition_key=True)
-            schema.add_field("user_id", DataType.VARCHAR, max_length=128)
-
-        def text(schema, name: str, n: int = MAX_TEXT, analyzed: bool = False) -> None:
-            schema.add_field(name, DataType.VARCHAR, max_length=n, enable_analyzer=analyzed)
-
-        specs: dict[str, tuple[list[tuple[str, Any]], int]] = {
-            TURNS: ([("event_id", 128), ("session_id", 128), ("speaker", 128), ("text", MAX_TEXT),
-                     ("source_id", 128), ("session_date", 64), ("ts", "int"), ("seq", "int"),
-                     (EMBEDDED, "bool")], self.dim),
+        turn_fields = [("event_id", 128), ("session_id", 128), ("speaker", 128), ("text", MAX_TEXT),
+                       ("source_id", 128), ("session_date", 64), ("ts", "int"), ("seq", "int")]
+        specs: dict[str, tuple[list[tuple[str, Any]], int | None]] = {
+            TURNS: (turn_fields, None) if self.cfg.bm25 else ([*turn_fields, (EMBEDDED, "bool")], self.dim),
             OBSERVATIONS: ([("observation_id", 64), ("session_id", 128), ("speaker", 128), ("text", 4096),
                             ("event_date", 16), ("report_date", 16), ("source_ids", 8192), ("attributed", "bool"),
                             ("idx", "int"), ("decision", 8192), ("applied", "bool")], self.dim),
@@ -207,36 +209,54 @@ class MilvusCollections:
         }
         for key, (fields, dim) in specs.items():
             name = self.names[key]
-            if self.client.has_collection(name):
-                self.client.load_collection(name)  # needed after reopening a database
-                fields_now = {f["name"] for f in self.client.describe_collection(name)["fields"]}
-                self.bm25[key] = SPARSE in fields_now
-                self.turn_flags |= key == TURNS and EMBEDDED in fields_now
+            if not self.client.has_collection(name):
+                self._create(key, fields, dim, bm25=self.cfg.bm25 and key in SEARCHABLE)
+                if key == TURNS:
+                    self.turn_layout = "split" if dim is None else "flagged"
                 continue
-            bm25 = self.cfg.bm25 and key in SEARCHABLE
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            base(schema)
-            for fname, kind in fields:
-                if kind == "int":
-                    schema.add_field(fname, DataType.INT64)
-                elif kind == "bool":
-                    schema.add_field(fname, DataType.BOOL)
-                else:
-                    text(schema, fname, kind, analyzed=bm25 and fname == "text")
+            self.client.load_collection(name)  # needed after reopening a database
+            fields_now = {f["name"] for f in self.client.describe_collection(name)["fields"]}
+            self.bm25[key] = SPARSE in fields_now
+            if key == TURNS:
+                self.turn_layout = "split" if "vec" not in fields_now else "flagged" if EMBEDDED in fields_now \
+                    else "inline"
+        if self.turn_layout == "split":
+            self.names[TURN_VECTORS] = f"{self.cfg.collection_prefix}_{TURN_VECTORS}"
+            if self.client.has_collection(self.names[TURN_VECTORS]):
+                self.client.load_collection(self.names[TURN_VECTORS])
+            else:
+                self._create(TURN_VECTORS, [], self.dim, bm25=False)
+
+    def _create(self, key: str, fields: list[tuple[str, Any]], dim: int | None, bm25: bool) -> None:
+        """Create one collection: id, tenant_id (partition key), user_id, `fields`, a dense `vec` of
+        `dim` (none if None: then BM25 is its vector field) and with `bm25` Milvus' BM25 of `text`."""
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("tenant_id", DataType.VARCHAR, max_length=128, is_partition_key=True)
+        schema.add_field("user_id", DataType.VARCHAR, max_length=128)
+        for fname, kind in fields:
+            if kind == "int":
+                schema.add_field(fname, DataType.INT64)
+            elif kind == "bool":
+                schema.add_field(fname, DataType.BOOL)
+            else:
+                schema.add_field(fname, DataType.VARCHAR, max_length=kind, enable_analyzer=bm25 and fname == "text")
+        index = self.client.prepare_index_params()
+        if dim is not None:
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
-            index = self.client.prepare_index_params()
             index.add_index("vec", index_type="AUTOINDEX", metric_type="COSINE")
-            if bm25:  # Milvus computes BM25 term vectors of `text` itself (full-text search)
-                schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
-                schema.add_function(Function(name=f"{key}_bm25", function_type=FunctionType.BM25,
-                                             input_field_names=["text"], output_field_names=[SPARSE]))
-                index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-            self.bm25[key] = bm25
-            self.turn_flags |= key == TURNS
-            self.client.create_collection(
-                name, schema=schema, index_params=index, num_partitions=self.cfg.num_partitions,
-                consistency_level=self.cfg.consistency_level,
-            )
+        if bm25:  # Milvus computes BM25 term vectors of `text` itself (full-text search)
+            schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name=f"{key}_bm25", function_type=FunctionType.BM25,
+                                         input_field_names=["text"], output_field_names=[SPARSE]))
+            index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        self.bm25[key] = bm25
+        self.client.create_collection(
+            self.names[key], schema=schema, index_params=index, num_partitions=self.cfg.num_partitions,
+            consistency_level=self.cfg.consistency_level,
+        )
 
     # ---- helpers ------------------------------------------------------------------------------
     def _get(self, key: str, ids: list[str], fields: list[str], consistency: str = STRONG) -> list[dict[str, Any]]:
@@ -259,6 +279,16 @@ class MilvusCollections:
             it.close()
         return rows
 
+    def _level(self, stale_ok: bool) -> str:
+        """Consistency of a read: serving's level where it may lag, else Strong."""
+        return self.cfg.search_consistency if stale_ok else STRONG
+
+    def _dense_param(self, k: int) -> dict[str, Any]:
+        param: dict[str, Any] = {"metric_type": "COSINE"}
+        if self.cfg.search_ef:
+            param["params"] = {"ef": max(self.cfg.search_ef, k)}
+        return param
+
     def _search(self, key: str, vector: np.ndarray, flt: str, k: int, fields: list[str],
                 text: str | None = None, consistency: str = STRONG, dense_flt: str | None = None,
                 ) -> list[dict[str, Any]]:
@@ -267,23 +297,52 @@ class MilvusCollections:
         results fused by reciprocal rank (`_score` is then the RRF score)."""
         dense = [np.asarray(vector, dtype=np.float32).tolist()]
         dense_flt = dense_flt or flt
-        param: dict[str, Any] = {"metric_type": "COSINE"}
-        if self.cfg.search_ef:
-            param["params"] = {"ef": max(self.cfg.search_ef, k)}
         if text is None or not self.bm25.get(key) or not text.strip():
             res = self.client.search(self.names[key], data=dense, filter=dense_flt, limit=k, output_fields=fields,
-                                     search_params=param, consistency_level=consistency)
+                                     search_params=self._dense_param(k), consistency_level=consistency)
         else:
             from pymilvus import AnnSearchRequest, RRFRanker
 
             depth = max(k, self.cfg.hybrid_depth)
-            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param=param, limit=depth,
+            reqs = [AnnSearchRequest(data=dense, anns_field="vec", param=self._dense_param(depth), limit=depth,
                                      expr=dense_flt),
                     AnnSearchRequest(data=[text], anns_field=SPARSE, param={"metric_type": "BM25"}, limit=depth,
                                      expr=flt)]
             res = self.client.hybrid_search(self.names[key], reqs, ranker=RRFRanker(self.cfg.rrf_k), limit=k,
                                             output_fields=fields, consistency_level=consistency)
-        return [{**hit["entity"], "_score": float(hit["distance"])} for hit in res[0]] if res else []
+        return _hits(res)
+
+    def _text_search(self, key: str, text: str, flt: str, k: int, fields: list[str],
+                     consistency: str = STRONG) -> list[dict[str, Any]]:
+        """Top-k rows under `flt` by Milvus' BM25 of `text` alone (`_score` is the BM25 score)."""
+        res = self.client.search(self.names[key], data=[text], anns_field=SPARSE, filter=flt, limit=k,
+                                 output_fields=fields, search_params={"metric_type": "BM25"},
+                                 consistency_level=consistency)
+        return _hits(res)
+
+    def _fused_search(self, vector_key: str, text_key: str, vector: np.ndarray, text: str | None, flt: str,
+                      k: int, fields: list[str], consistency: str = STRONG) -> list[dict[str, Any]]:
+        """What `_search` does when the dense vectors and the BM25 text live in two collections under
+        one primary key (raw turns: `turn_vectors` and `turns`): two searches, fused here by
+        reciprocal rank as Milvus' RRFRanker does, then the rows of `text_key` by key. Without text
+        (or BM25), dense alone with cosine scores."""
+        hybrid = bool(text and text.strip()) and self.bm25.get(text_key, False)
+        depth = max(k, self.cfg.hybrid_depth) if hybrid else k
+        dense = _hits(self.client.search(
+            self.names[vector_key], data=[np.asarray(vector, dtype=np.float32).tolist()], filter=flt, limit=depth,
+            output_fields=["id"], search_params=self._dense_param(depth), consistency_level=consistency))
+        if not hybrid:
+            ranked = [(h["id"], h["_score"]) for h in dense]
+            rows: dict[str, dict[str, Any]] = {}
+        else:
+            lexical = self._text_search(text_key, str(text), flt, depth, ["id", *fields], consistency)
+            ranked = rrf([[h["id"] for h in dense], [h["id"] for h in lexical]], self.cfg.rrf_k)[:k]
+            rows = {h["id"]: h for h in lexical}
+        missing = [pk for pk, _ in ranked if pk not in rows]
+        if missing:
+            rows.update((r["id"], r) for r in self._get(text_key, missing, ["id", *fields], consistency))
+        # a vector whose row is gone (deleted between the two reads) is skipped
+        return [{**rows[pk], "_score": score} for pk, score in ranked if pk in rows]
 
     def close(self) -> None:
         """Release the shared client (Milvus Lite flushes its file)."""
@@ -292,3 +351,17 @@ class MilvusCollections:
                 if client is self.client:
                     client.close()
                     del _CLIENTS[key]
+
+
+def _hits(res: Any) -> list[dict[str, Any]]:
+    return [{**hit["entity"], "id": hit["id"], "_score": float(hit["distance"])} for hit in res[0]] if res else []
+
+
+def rrf(rankings: list[list[str]], k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion, as Milvus' RRFRanker: score = sum over lists of 1 / (k + rank), rank
+    from 1; best first (ties by first appearance)."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, pk in enumerate(ranking, start=1):
+            scores[pk] = scores.get(pk, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda kv: -kv[1])

@@ -52,11 +52,12 @@ def turn_from_row(row: dict[str, Any]) -> Turn:
                 timestamp=from_ms(row["ts"]), seq=row["seq"])
 
 
-def turn_row(t: Turn, vector: np.ndarray | list[float]) -> dict[str, Any]:
+def turn_row(t: Turn) -> dict[str, Any]:
+    """The turn's fields (its vector, where the layout keeps one in the row, is added by TurnLog)."""
     return {"id": t.pk, "tenant_id": t.tenant_id, "user_id": t.user_id, "event_id": t.event_id,
             "session_id": t.session_id, "speaker": t.speaker[:128], "text": t.text[:MAX_TEXT],
             "source_id": t.source_id[:128], "session_date": t.session_date[:64], "ts": ms(t.timestamp),
-            "seq": t.seq, "vec": np.asarray(vector, dtype=np.float32).tolist()}
+            "seq": t.seq}
 
 
 def turn_order(t: Turn) -> tuple[datetime, int, str]:

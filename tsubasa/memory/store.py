@@ -7,18 +7,17 @@ upsert the same rows. `uri` may be a Milvus Lite file, a `milvus-lite server` UR
 Every read names its consistency (docs/memory.md): what the writer reads back (markers, a session's
 turns and observations, candidate memories, history, ids already stored) is Strong; searches that
 ground answers pass `stale_ok=True` and run at `milvus.search_consistency` (Bounded by default).
-Raw turns are stored unembedded unless `memory.embed_turns_on_ingest` (flag `embedded`, a
-placeholder vector); `embed_missing_turns` fills a user's vectors in batches when turn search needs them.
+The raw turn log (stored unembedded unless `memory.embed_turns_on_ingest`, vectors filled on demand)
+is the TurnLog mixin (turnlog.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,12 +25,10 @@ import numpy as np
 from tsubasa.config import MilvusConfig
 from tsubasa.memory.inspection import SessionInfo, StoreInspection
 from tsubasa.memory.milvus import (
-    EMBEDDED,
     HISTORY,
     MEMORIES,
     OBSERVATIONS,
     SESSIONS,
-    STRONG,
     TURNS,
     scope_filter,
 )
@@ -39,7 +36,6 @@ from tsubasa.memory.rows import (
     HIST_FIELDS,
     MEM_FIELDS,
     OBS_FIELDS,
-    TURN_FIELDS,
     StoredObservation,
     from_ms,
     hist_row,
@@ -49,11 +45,9 @@ from tsubasa.memory.rows import (
     obs_from_row,
     obs_row,
     stored_obs_from_row,
-    turn_from_row,
-    turn_order,
-    turn_row,
     version_from_row,
 )
+from tsubasa.memory.turnlog import EmbedFn, TurnLog
 from tsubasa.schema import (
     EvolutionDecision,
     EvolutionOp,
@@ -70,10 +64,6 @@ __all__ = ["MemoryStore", "MilvusStore", "SessionInfo", "SessionState", "StoredO
 
 log = logging.getLogger(__name__)
 
-EmbedFn = Callable[[list[str]], np.ndarray]
-"""Texts -> unit vectors (`Embedder.embed`)."""
-EMBED_BATCH = 256
-"""Turns embedded per call when filling missing turn vectors."""
 
 
 @dataclass
@@ -121,89 +111,10 @@ class MemoryStore(Protocol):
     def forget_user(self, tenant_id: str, user_id: str) -> dict[str, int]: ...
 
 
-class MilvusStore(StoreInspection):
+class MilvusStore(TurnLog, StoreInspection):
     """MemoryStore on Milvus (Lite file, lite server or a cluster)."""
 
-    def _level(self, stale_ok: bool) -> str:
-        return self.cfg.search_consistency if stale_ok else STRONG
-
-    # ---- turns --------------------------------------------------------------------------------
-    def existing_turn_ids(self, turns: Sequence[Turn]) -> set[str]:
-        if not turns:
-            return set()
-        return {r["id"] for r in self._get(TURNS, [t.pk for t in turns], ["id"])}
-
-    def upsert_turns(self, turns: Sequence[Turn], vectors: np.ndarray | None = None,
-                     embed: EmbedFn | None = None) -> int:
-        """Store the turns not stored before (idempotent by event id: the first write of an id
-        stays) and return how many. Vectors: `vectors` (one per turn), else `embed` applied to the
-        new turns only, else none (needs `turn_flags`; filled later by `embed_missing_turns`)."""
-        if not turns:
-            return 0
-        seen = self.existing_turn_ids(turns)
-        fresh = []
-        for i, t in enumerate(turns):
-            if t.pk not in seen:
-                seen.add(t.pk)
-                fresh.append(i)
-        if not fresh:
-            return 0
-        new = [turns[i] for i in fresh]
-        if vectors is not None:
-            vecs: np.ndarray | None = np.asarray(vectors)[fresh]
-        elif embed is not None:
-            vecs = embed([t.rendered() for t in new])
-        elif self.turn_flags:
-            vecs = None
-        else:
-            raise ValueError(f"{self.names[TURNS]} was made before turns could be stored unembedded: embed them")
-        self.client.upsert(self.names[TURNS], [self._turn_row(t, None if vecs is None else vecs[j])
-                                               for j, t in enumerate(new)])
-        return len(new)
-
-    def _turn_row(self, t: Turn, vector: np.ndarray | None) -> dict[str, Any]:
-        row = turn_row(t, vector if vector is not None else self._placeholder)
-        if self.turn_flags:
-            row[EMBEDDED] = vector is not None
-        return row
-
-    @cached_property
-    def _placeholder(self) -> np.ndarray:
-        """Where a turn is not embedded yet: a unit vector (cosine of a zero vector is undefined);
-        dense turn searches filter these rows out by the `embedded` flag."""
-        v = np.zeros(self.dim, dtype=np.float32)
-        v[0] = 1.0
-        return v
-
-    def embed_missing_turns(self, tenant_id: str, user_id: str, embed: EmbedFn) -> int:
-        """Embed the user's turns stored without a vector, in batches; return how many."""
-        if not self.turn_flags:
-            return 0
-        rows = self._query_all(TURNS, f"{scope_filter(tenant_id, user_id)} and {EMBEDDED} == false", TURN_FIELDS)
-        turns = sorted(map(turn_from_row, rows), key=turn_order)
-        for i in range(0, len(turns), EMBED_BATCH):
-            batch = turns[i:i + EMBED_BATCH]
-            vecs = embed([t.rendered() for t in batch])
-            self.client.upsert(self.names[TURNS], [self._turn_row(t, v) for t, v in zip(batch, vecs, strict=True)])
-        return len(turns)
-
-    def session_turns(self, tenant_id: str, user_id: str, session_id: str) -> list[Turn]:
-        rows = self._query_all(TURNS, scope_filter(tenant_id, user_id, session_id=session_id), TURN_FIELDS)
-        return sorted(map(turn_from_row, rows), key=turn_order)
-
-    def list_turns(self, tenant_id: str, user_id: str) -> list[Turn]:
-        rows = self._query_all(TURNS, scope_filter(tenant_id, user_id), TURN_FIELDS)
-        return sorted(map(turn_from_row, rows), key=turn_order)
-
-    def search_turns(self, tenant_id: str, user_id: str, vector: np.ndarray, k: int,
-                     text: str | None = None, stale_ok: bool = False) -> list[tuple[Turn, float]]:
-        """Top-k embedded turns of one user (call `embed_missing_turns` first); with `text`, hybrid
-        (dense + BM25, which needs no turn vector) where the collection has BM25."""
-        flt = scope_filter(tenant_id, user_id)
-        dense_flt = f"{flt} and {EMBEDDED} == true" if self.turn_flags else flt
-        hits = self._search(TURNS, vector, flt, k, TURN_FIELDS, text, self._level(stale_ok), dense_flt)
-        return [(turn_from_row(h), h["_score"]) for h in hits]
-
+    # ---- turns: the log itself is TurnLog (turnlog.py) ---------------------------------------
     def open_sessions(self, tenant_id: str, user_id: str) -> list[str]:
         """Sessions with turns but no `done` marker, oldest first."""
         rows = self._query_all(TURNS, scope_filter(tenant_id, user_id), ["session_id", "ts"])
