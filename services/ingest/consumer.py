@@ -323,24 +323,23 @@ class PartitionConsumer:
             item = self.queue.inflight.pop(user)
             try:
                 res = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # the writer died: retry, it resumes from markers
-                item.actor_failures += 1
-                with self._lock:
-                    self.m.writer_restarts_seen += 1
-                if item.actor_failures > max(10, 3 * self.cfg.max_retries):
+            except ray.exceptions.RayActorError as exc:  # restarting or died: retry, it resumes from markers
+                restarting = isinstance(exc, ray.exceptions.ActorUnavailableError)
+                if not restarting:
+                    with self._lock:
+                        self.m.writer_restarts_seen += 1
+                if item.failed("unavailable" if restarting else "died", time.monotonic(), self.cfg.retry_backoff_s,
+                               self.cfg.max_retries):
                     self._session_failed(item, f"writer actor kept dying: {exc!r}")
                 else:
-                    item.not_before = time.monotonic() + self.cfg.retry_backoff_s
                     self.queue.retry[user] = item
                 continue
             except ray.exceptions.RayTaskError as exc:
-                item.attempts += 1
                 with self._lock:
                     self.m.session_retries += 1
-                if item.attempts > self.cfg.max_retries:
+                if item.failed("error", time.monotonic(), self.cfg.retry_backoff_s, self.cfg.max_retries):
                     self._session_failed(item, f"session processing failed: {exc.cause!r}")
                 else:
-                    item.not_before = time.monotonic() + self.cfg.retry_backoff_s * (2 ** (item.attempts - 1))
                     self.queue.retry[user] = item
                 continue
             self._finish(item.close, skipped=bool(res.get("skipped")))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from tsubasa.schema import Event, EventKind
 
@@ -178,6 +178,13 @@ class PartitionTracker:
         return len(self.closing)
 
 
+FailureKind = Literal["unavailable", "died", "error"]
+"""How a session's processing call failed: its writer was restarting (`unavailable`), died during the
+call (`died`), or the call raised (`error`)."""
+MAX_WAIT_S = 10.0
+"""Longest pause between tries while a writer restarts."""
+
+
 @dataclass
 class InFlight:
     """A closed session handed to its user's writer (`ref`: the pending call), with its retries."""
@@ -186,7 +193,28 @@ class InFlight:
     ref: Any
     attempts: int = 0
     actor_failures: int = 0
+    waits: int = 0
     not_before: float = 0.0
+
+    def failed(self, kind: FailureKind, now: float, backoff_s: float, max_retries: int) -> bool:
+        """Account for a failed call: set `not_before` and return False to retry, or return True
+        when the session is to be dead-lettered.
+        - `unavailable`: the writer is restarting, an outage: waited out (the pause doubles up to
+          MAX_WAIT_S), never dead-lettered (a loaded machine may take a minute to restart it);
+        - `died`: retried; a session that keeps killing its writer (more than max(10, 3 x
+          `max_retries`) deaths) is poison;
+        - `error`: retried with a doubling pause, `max_retries` times."""
+        if kind == "unavailable":
+            self.waits += 1
+            self.not_before = now + min(max(backoff_s, 0.05) * 2 ** min(self.waits - 1, 8), MAX_WAIT_S)
+            return False
+        if kind == "died":
+            self.actor_failures += 1
+            self.not_before = now + backoff_s
+            return self.actor_failures > max(10, 3 * max_retries)
+        self.attempts += 1
+        self.not_before = now + backoff_s * (2 ** (self.attempts - 1))
+        return self.attempts > max_retries
 
 
 @dataclass

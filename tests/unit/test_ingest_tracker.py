@@ -119,3 +119,25 @@ def test_done_sessions_reads_a_polls_markers_once():
     assert done(("t", "u6", "s1")) is True and len(reads) == 2
     done.prefetch([("t", "u6", "s1")])
     assert len(reads) == 2
+
+
+def test_a_restarting_writer_is_waited_out_and_never_dead_letters_a_session():
+    """The crash test found sessions dead-lettered as 'writer actor kept dying' while one killed
+    writer took longer to restart than 11 short retries on a loaded machine: a restart is an
+    outage, a session that keeps killing its writer is poison."""
+    from services.ingest.tracker import MAX_WAIT_S, Close, InFlight
+
+    close = Close(0, "t", "u", "s1", "end", 0, 1, b"")
+    waiting = InFlight(close, None)
+    pauses = []
+    for _ in range(1000):  # ~2.7 h of restarting at the longest pause
+        assert waiting.failed("unavailable", 0.0, 0.1, max_retries=3) is False
+        pauses.append(waiting.not_before)
+    assert pauses[:3] == [0.1, 0.2, 0.4] and max(pauses) == MAX_WAIT_S and waiting.actor_failures == 0
+
+    dying = InFlight(close, None)
+    assert [dying.failed("died", 0.0, 0.1, max_retries=3) for _ in range(12)] == [False] * 10 + [True] * 2
+
+    failing = InFlight(close, None)
+    assert [failing.failed("error", 0.0, 0.1, max_retries=3) for _ in range(4)] == [False, False, False, True]
+    assert failing.not_before == 0.1 * 2 ** 3
