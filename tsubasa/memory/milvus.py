@@ -171,7 +171,7 @@ def milvus_client(uri: str, token: str | None, db_name: str):
 
 
 class MilvusCollections:
-    """The five collections of one TSUBASA deployment in one Milvus database."""
+    """The collections of one TSUBASA deployment in one Milvus database (five, six with `turn_vectors`)."""
 
     def __init__(self, cfg: MilvusConfig, uri: str | None = None) -> None:
         self.cfg = cfg
