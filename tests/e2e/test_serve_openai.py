@@ -75,6 +75,10 @@ def stack(request, tmp_path_factory, embedder, tiny_cfg):
     tmp = tmp_path_factory.mktemp(f"serve-{engine}")
     cache = tiny_cfg.cache_dir
     keys = {"acme": "sk-acme-" + secrets.token_hex(12), "globex": "sk-globex-" + secrets.token_hex(12)}
+    import ray
+
+    if ray.is_initialized():  # another module's Ray (run before this one): its workers would not see the keys
+        ray.shutdown()
     old_keys = os.environ.get("TSUBASA_API_KEYS")
     os.environ["TSUBASA_API_KEYS"] = ",".join(f"{t}:{hash_key(k)}" for t, k in keys.items())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the vLLM replica
