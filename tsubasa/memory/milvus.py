@@ -328,9 +328,7 @@ class MilvusCollections:
         (or BM25), dense alone with cosine scores."""
         hybrid = bool(text and text.strip()) and self.bm25.get(text_key, False)
         depth = max(k, self.cfg.hybrid_depth) if hybrid else k
-        dense = _hits(self.client.search(
-            self.names[vector_key], data=[np.asarray(vector, dtype=np.float32).tolist()], filter=flt, limit=depth,
-            output_fields=["id"], search_params=self._dense_param(depth), consistency_level=consistency))
+        dense = self._search(vector_key, vector, flt, depth, ["id"], consistency=consistency)
         if not hybrid:
             ranked = [(h["id"], h["_score"]) for h in dense]
             rows: dict[str, dict[str, Any]] = {}
