@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The paper's reading ablation for one LoCoMo user with the 1.5B model (issue 14), every step
+# resumable: run it again after a kill and it goes on where it stopped.
+#
+#   benchmarks/reading_ablation.sh conv-26
+#   TSUBASA_DISTILL__HELDOUT_FRACTION=0.27 benchmarks/reading_ablation.sh conv-30   # 192 memories: 50 held out
+#
+# Steps (docs/results.md, "The reading ablation with the 1.5B model"):
+#   1. copy the memory the 1.5B writer built (.tsubasa/eval-qwen15/<user>/evolving.db, from
+#      benchmarks/writer_locomo.py) to .tsubasa/distill-qwen15/<user>.db, once;
+#   2. train and publish the variants tsubasa (d=5), d=1, d=20, no grounding, vanilla; a variant whose
+#      registry already has a current adapter for the user is skipped (QA and teacher targets are
+#      cached under .tsubasa/distill-qwen15/distill/cache, so only the first variant pays for them);
+#   3. internalisation on the held-out synthetic questions (reuses the published adapters);
+#   4. LoCoMo F1 / BLEU-1 of every variant beside memory-evolving (the runner skips answered rows).
+# Each step's wall time goes to .tsubasa/distill-qwen15/<user>.times (one "step seconds" line each).
+set -euo pipefail
+u=${1:?usage: benchmarks/reading_ablation.sh USER (a LoCoMo sample id, e.g. conv-26)}
+cd "$(dirname "$0")/.."
+root=.tsubasa/distill-qwen15
+src=.tsubasa/eval-qwen15/$u/evolving.db
+[[ -d $root/$u.db || -d $src ]] || { echo "no memory for $u: build it with benchmarks/writer_locomo.py --conversations $u" >&2; exit 2; }
+mkdir -p "$root" docs/results
+[[ -d $root/$u.db ]] || cp -r "$src" "$root/$u.db"
+export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
+tsubasa=.venv/bin/tsubasa
+times=$root/$u.times
+
+timed() {  # timed STEP CMD...: run CMD, append "STEP seconds" to the user's times file
+    local step=$1 t0=$SECONDS
+    shift
+    echo "== $u: $step ($(date -u +%H:%M:%S))"
+    "$@"
+    echo "$step $((SECONDS - t0))" >> "$times"
+}
+
+# variant args | registry of its adapters (pipeline.registry_for: the configured tsubasa adapter is
+# published into the serving registry, every other variant under ablations/<tag>)
+variants=(
+    "--variant tsubasa --d 5|$root/adapters"
+    "--variant tsubasa --d 1|$root/ablations/tsubasa-kl-d1-k3"
+    "--variant tsubasa --d 20|$root/ablations/tsubasa-kl-d20-k3"
+    "--variant no_grounding|$root/ablations/no_grounding-kl-d5-k0"
+    "--variant vanilla|$root/ablations/vanilla-lm"
+)
+for v in "${variants[@]}"; do
+    args=${v%%|*} reg=${v#*|}
+    if [[ -f $reg/bench/$u/current ]]; then
+        echo "== $u: $args already published in $reg (skipped)"
+        continue
+    fi
+    # shellcheck disable=SC2086
+    timed "distill${args// /_}" "$tsubasa" distill -t bench -u "$u" --local --qa 250 $args
+done
+out=docs/results/internalise-qwen15-$u.json
+[[ -f $out ]] || timed internalise "$tsubasa" distill internalise -t bench -u "$u" --d 1,5,20 --qa 250 -o "$out"
+timed locomo .venv/bin/python benchmarks/distill_locomo.py --tenant bench --user "$u" \
+    --system memory-evolving,tsubasa,tsubasa-d1,tsubasa-d20,tsubasa-no-grounding,vanilla-ft \
+    -o "$root/runs/$u"
+echo "== $u: done; step times in $times"
