@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from tsubasa.config import ConfigError, Settings, load_settings
 
@@ -54,9 +63,47 @@ def setup_logging(verbose: bool = False) -> None:
         pass
 
 
-def progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+class LoggedProgress(Progress):
+    """A progress bar that, without a terminal (nohup, CI logs, `| tee`), prints a plain line per task
+    when its description changes and at most every `every` seconds otherwise: a bar there is drawn
+    only once, at the end, and a long run's log would say nothing until then."""
+
+    def __init__(self, *columns: Any, every: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self.every = every
+        self._logged: dict[TaskID, tuple[float, str]] = {}
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: TaskID) -> None:
+        if self.console.is_terminal:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        at, desc = self._logged.get(task_id, (-float("inf"), ""))
+        if desc == task.description and now - at < self.every:
+            return
+        self._logged[task_id] = (now, task.description)
+        total = f"/{task.total:.0f}" if task.total is not None else ""
+        line = f"{time.strftime('%H:%M:%S')} {task.description}: {task.completed:.0f}{total}"
+        elapsed = task.elapsed or 0.0
+        if task.completed and elapsed:
+            line += f", {elapsed / task.completed:.1f} s each"
+        if task.time_remaining is not None:
+            line += f", eta {task.time_remaining / 60:.0f} min"
+        self.console.print(line, highlight=False, markup=False)
+
+
+def progress(every: float = 30.0) -> LoggedProgress:
+    return LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                          every=every)
 
 
 def fail(message: str, code: int = 2) -> None:

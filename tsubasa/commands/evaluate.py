@@ -180,17 +180,8 @@ def locomo(
     with progress() as bar:
         task = bar.add_task("answer", total=max(len(items) - done_before, 0))
 
-        last_line = [0.0]
-
         def on_progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=max(done - done_before, 0))
-            # Under nohup (no terminal) the bar does not redraw: log a line with an ETA every 30 s.
-            now = time.perf_counter()
-            if not console.is_terminal and now - last_line[0] >= 30 and done > done_before:
-                last_line[0] = now
-                rate = (now - t0) / (done - done_before)
-                console.print(f"{time.strftime('%H:%M:%S')} {desc}: {done}/{total} rows, "
-                              f"{rate:.1f} s/row, eta {rate * (total - done) / 60:.0f} min", highlight=False)
 
         def on_build(desc: str) -> None:
             bar.update(task, description=f"memory {desc}")
