@@ -142,3 +142,49 @@ def test_internalisation_reuses_adapters_distill_published(seeded, store, embedd
     other = seeded.model_copy(update={"distill": cfg.model_copy(update={"learning_rate": cfg.learning_rate * 2})})
     report = run_internalisation(other, "acme", "alice", [5], engine=tiny_engine, embedder=embedder, store=store)
     assert all("reused" not in t for t in report["training"].values())
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter:
+    """The engine, failing on its score_topd call number `limit + 1`, as a run killed mid-teacher."""
+
+    def __init__(self, engine, limit: int) -> None:
+        self.engine, self.limit, self.calls = engine, limit, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_topd(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise _Killed
+        return self.engine.score_topd(*args, **kwargs)
+
+
+def test_teacher_targets_resume_after_a_kill(seeded, store, embedder, tiny_engine, tmp_path):
+    """The teacher's finished batches survive a kill; the rerun scores only the rest and ends with the
+    dataset an uninterrupted run builds, and the partial file is gone."""
+    import json
+
+    from tsubasa.distill.pipeline import prepare_dataset
+    from tsubasa.distill.synth import JsonCache, UserCorpus
+
+    cfg = seeded.distill
+    assert cfg.teacher_answer == "gold"  # one score_topd call per batch
+    corpus = UserCorpus.from_store(store, "acme", "alice")
+    whole = prepare_dataset(tiny_engine, embedder, corpus, cfg, cfg.top_d, batch_size=2)
+    n = len(whole.items)
+    assert n >= 4
+    cache = JsonCache(tmp_path / "cache")
+    with pytest.raises(_Killed):
+        prepare_dataset(_DiesAfter(tiny_engine, 1), embedder, corpus, cfg, cfg.top_d, cache, batch_size=2)
+    [part] = (tmp_path / "cache" / "targets-partial").rglob("*.json")
+    assert len(json.loads(part.read_text())["items"]) == 2
+    engine = _DiesAfter(tiny_engine, 10**6)
+    resumed = prepare_dataset(engine, embedder, corpus, cfg, cfg.top_d, cache, batch_size=2)
+    assert engine.calls == (n - 2 + 1) // 2
+    assert resumed.model_dump(exclude={"stats"}) == whole.model_dump(exclude={"stats"})
+    assert not list((tmp_path / "cache" / "targets-partial").rglob("*.json"))

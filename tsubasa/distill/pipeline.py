@@ -17,7 +17,7 @@ from tsubasa.config import DistillConfig, Settings
 from tsubasa.distill.adapters import AdapterManifest, AdapterRegistry, AdapterVersion
 from tsubasa.distill.batched import BatchedStudent, train_user
 from tsubasa.distill.synth import JsonCache, QASynthesizer, UserCorpus, synth_cache_key
-from tsubasa.distill.teacher import UserDataset, build_user_dataset, dataset_cache_key
+from tsubasa.distill.teacher import QATargets, UserDataset, build_user_dataset, dataset_cache_key
 from tsubasa.distill.train import TrainSpec
 from tsubasa.embed import Embedder
 from tsubasa.llm.base import Engine
@@ -59,11 +59,23 @@ def prepare_dataset(engine: Engine, embedder: Embedder, corpus: UserCorpus, cfg:
     doc = cache.get("targets", corpus.tenant_id, corpus.user_id, dkey) if cache else None
     if doc is not None:
         return UserDataset.model_validate(doc)
+    # The teacher pass is the long step (an hour for a 1.5B model on a laptop CPU): its finished
+    # batches are kept under `targets-partial` and a rerun after a kill goes on from them.
+    where = ("targets-partial", corpus.tenant_id, corpus.user_id, dkey)
+    part = cache.get(*where) if cache else None
+    done = [QATargets.model_validate(x) for x in part["items"]] if part else []
+
+    def save(items: list[QATargets]) -> None:
+        if cache:
+            cache.put(*where, {"items": [x.model_dump(mode="json") for x in items]})
+
     ds = build_user_dataset(engine, embedder, corpus, qas, cfg, d, batch_size=batch_size,
-                            on_progress=(lambda a, b: progress("teacher", a, b)) if progress else None)
+                            on_progress=(lambda a, b: progress("teacher", a, b)) if progress else None,
+                            done=done, on_batch=save)
     ds.stats.update({f"synth_{k}": float(v) for k, v in synth_stats.items() if isinstance(v, int | float)})
     if cache:
         cache.put("targets", corpus.tenant_id, corpus.user_id, dkey, ds.model_dump(mode="json"))
+        cache.delete(*where)
     return ds
 
 

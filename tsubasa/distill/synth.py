@@ -389,3 +389,6 @@ class JsonCache:
         tmp = p.with_suffix(f".tmp{random.getrandbits(32):08x}")
         tmp.write_text(json.dumps(doc))
         tmp.replace(p)
+
+    def delete(self, kind: str, tenant_id: str, user_id: str, key: str) -> None:
+        self.path(kind, tenant_id, user_id, key).unlink(missing_ok=True)

@@ -169,15 +169,25 @@ def build_user_dataset(
     d: int,
     on_progress: Callable[[int, int], None] | None = None,
     batch_size: int = 8,
+    done: Sequence[QATargets] = (),
+    on_batch: Callable[[list[QATargets]], None] | None = None,
 ) -> UserDataset:
-    """Teacher top-`d` targets, student grounding and the held-out split for a user's QA pairs."""
+    """Teacher top-`d` targets, student grounding and the held-out split for a user's QA pairs.
+
+    `done`: the items an interrupted run of the same call finished (`on_batch` is handed the items so
+    far after every batch, to save them); the longest prefix of them that matches the QA pairs in
+    order is kept and the teacher goes on from there."""
     index = MemoryIndex(corpus.memories, embedder)
     ctx = TeacherContext(corpus, index, cfg, engine.count_tokens)
     train, held = split_heldout(qas, cfg.heldout_fraction)
     held_ids = {q.qa_id for q in held}
-    items: list[QATargets] = []
     ordered = list(qas)
-    for start in range(0, len(ordered), batch_size):
+    items: list[QATargets] = []
+    for it, q in zip(done, ordered, strict=False):
+        if it.qa.qa_id != q.qa_id or it.heldout != (q.qa_id in held_ids):
+            break
+        items.append(it)
+    for start in range(len(items), len(ordered), batch_size):
         batch = ordered[start:start + batch_size]
         prompts = [ctx.messages(q) for q in batch]
         if cfg.teacher_answer == "teacher":
@@ -196,6 +206,8 @@ def build_user_dataset(
                 topd_ids=s.topd_ids.tolist(), topd_logprobs=np.round(s.topd_logprobs, 6).tolist(),
                 teacher_tokens=sum(engine.count_tokens(m.content) for m in prompt),
                 teacher_prompt=prompt if q.qa_id in held_ids else None))
+        if on_batch:
+            on_batch(items)
         if on_progress:
             on_progress(len(items), len(ordered))
     n_tok = sum(len(x.answer_ids) for x in items)
