@@ -100,10 +100,9 @@ class LoggedProgress(Progress):
         self.console.print(line, highlight=False, markup=False)
 
 
-def progress(every: float = 30.0) -> LoggedProgress:
+def progress() -> LoggedProgress:
     return LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                          every=every)
+                          TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
 def fail(message: str, code: int = 2) -> None:

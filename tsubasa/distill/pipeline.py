@@ -66,12 +66,11 @@ def prepare_dataset(engine: Engine, embedder: Embedder, corpus: UserCorpus, cfg:
     done = [QATargets.model_validate(x) for x in part["items"]] if part else []
 
     def save(items: list[QATargets]) -> None:
-        if cache:
-            cache.put(*where, {"items": [x.model_dump(mode="json") for x in items]})
+        cache.put(*where, {"items": [x.model_dump(mode="json") for x in items]})
 
     ds = build_user_dataset(engine, embedder, corpus, qas, cfg, d, batch_size=batch_size,
                             on_progress=(lambda a, b: progress("teacher", a, b)) if progress else None,
-                            done=done, on_batch=save)
+                            done=done, on_batch=save if cache else None)
     ds.stats.update({f"synth_{k}": float(v) for k, v in synth_stats.items() if isinstance(v, int | float)})
     if cache:
         cache.put("targets", corpus.tenant_id, corpus.user_id, dkey, ds.model_dump(mode="json"))
