@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 root=.tsubasa/distill-qwen15
 src=.tsubasa/eval-qwen15/$u/evolving.db
 [[ -d $root/$u.db || -d $src ]] || { echo "no memory for $u: build it with benchmarks/writer_locomo.py --conversations $u" >&2; exit 2; }
-mkdir -p "$root" docs/results
+mkdir -p "$root"
 [[ -d $root/$u.db ]] || cp -r "$src" "$root/$u.db"
 export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
 tsubasa=.venv/bin/tsubasa
@@ -52,9 +52,10 @@ for v in "${variants[@]}"; do
     # shellcheck disable=SC2086
     timed "distill${args// /_}" "$tsubasa" distill -t bench -u "$u" --local --qa 250 $args
 done
-out=docs/results/internalise-qwen15-$u.json
+out=$root/runs/$u/internalise.json  # holds the teacher's answers (LoCoMo-derived text): stays out of the repo
+mkdir -p "$root/runs/$u"
 [[ -f $out ]] || timed internalise "$tsubasa" distill internalise -t bench -u "$u" --d 1,5,20 --qa 250 -o "$out"
 timed locomo .venv/bin/python benchmarks/distill_locomo.py --tenant bench --user "$u" \
     --system memory-evolving,tsubasa,tsubasa-d1,tsubasa-d20,tsubasa-no-grounding,vanilla-ft \
     -o "$root/runs/$u"
-echo "== $u: done; step times in $times"
+echo "== $u: done; step times in $times; the figures-only tables: benchmarks/reading_ablation_report.py"
