@@ -23,6 +23,8 @@ src=.tsubasa/eval-qwen15/$u/evolving.db
 mkdir -p "$root"
 [[ -d $root/$u.db ]] || cp -r "$src" "$root/$u.db"
 export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
+# teacher targets stored once at d=20 and cut to each variant's d: one teacher pass for d=1, 5 and 20
+export TSUBASA_DISTILL__TEACHER_TOP_D=20
 tsubasa=.venv/bin/tsubasa
 times=$root/$u.times
 

@@ -188,3 +188,22 @@ def test_teacher_targets_resume_after_a_kill(seeded, store, embedder, tiny_engin
     assert engine.calls == (n - 2 + 1) // 2
     assert resumed.model_dump(exclude={"stats"}) == whole.model_dump(exclude={"stats"})
     assert not list((tmp_path / "cache" / "targets-partial").rglob("*.json"))
+
+
+def test_d_ablation_shares_one_teacher_pass(seeded, store, embedder, tiny_engine):
+    """With `distill.teacher_top_d` the teacher's targets are stored once at that d: a d=1 and a d=7
+    variant of one user make one teacher pass between them, each trained on targets cut to its d."""
+    from tsubasa.distill.pipeline import distill_local
+    from tsubasa.distill.train import TrainSpec
+
+    cfg = seeded.distill.model_copy(update={"teacher_top_d": 7})
+    settings = seeded.model_copy(update={"distill": cfg})
+    engine = _DiesAfter(tiny_engine, 10**6)  # counts the teacher's scoring calls
+    [d1] = distill_local(settings, [("acme", "alice")], TrainSpec.from_config(cfg, "tsubasa", 1), engine=engine,
+                         embedder=embedder, store=store)
+    first = engine.calls
+    assert first > 0 and d1.version == 1
+    [d7] = distill_local(settings, [("acme", "alice")], TrainSpec.from_config(cfg, "tsubasa", 7), engine=engine,
+                         embedder=embedder, store=store)
+    assert engine.calls == first  # the d=7 variant's targets came from the cache
+    assert d7.version == 1 and d7.metrics["loss_first_epoch"] != d1.metrics["loss_first_epoch"]

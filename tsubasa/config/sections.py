@@ -189,6 +189,10 @@ class DistillConfig(BaseModel):
     """Memory-reading wing: self-learning QA and top-d KL distillation into LoRA adapters."""
 
     top_d: int = Field(5, ge=1, le=1000)
+    teacher_top_d: int = Field(0, ge=0, le=1000)
+    """Store teacher targets at no less than this d (they are stored at max(top_d, teacher_top_d, the
+    variant's d) and cut to each variant's d): set it to the largest d an ablation trains, so d=1, 5
+    and 20 share one teacher pass instead of paying it again (an hour per user on a laptop CPU)."""
     loss: Literal["topd_kl", "ce_gold"] = "topd_kl"
     renormalize_student: bool = False
     qa_per_user: int = Field(32, ge=1, le=10000)

@@ -36,7 +36,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     if not corpus.turns and not corpus.memories:
         raise ValueError(f"{tenant_id}/{user_id} has no turns or memories in {settings.milvus_uri}")
     cache = JsonCache(f"{settings.distill_dir}/cache")
-    d_max = max([*d_values, cfg.top_d])
+    d_max = max([*d_values, cfg.top_d, cfg.teacher_top_d])
     ds = prepare_dataset(engine, embedder, corpus, cfg, d_max, cache, batch_size=settings.model.batch_size,
                          progress=progress, synth_engine=synth_engine_for(settings, engine))
     specs = [TrainSpec.from_config(cfg, "tsubasa", d) for d in d_values]

@@ -30,8 +30,9 @@ Progress = Callable[[str, int, int], None]
 
 
 def teacher_d(cfg: DistillConfig, spec: TrainSpec | None = None) -> int:
-    """The d to store teacher targets at (the larger of the configured and the requested d)."""
-    return max(cfg.top_d, spec.d if spec else 1)
+    """The d to store teacher targets at: the largest of the configured, the requested and
+    `teacher_top_d` (training cuts them to its own d)."""
+    return max(cfg.top_d, cfg.teacher_top_d, spec.d if spec else 1)
 
 
 def prepare_dataset(engine: Engine, embedder: Embedder, corpus: UserCorpus, cfg: DistillConfig, d: int,
