@@ -8,7 +8,7 @@
 # Steps (docs/results.md, "The reading ablation with the 1.5B model"):
 #   1. copy the memory the 1.5B writer built (.tsubasa/eval-qwen15/<user>/evolving.db, from
 #      benchmarks/writer_locomo.py) to .tsubasa/distill-qwen15/<user>.db, once;
-#   2. train and publish the variants tsubasa (d=5), d=1, d=20, no grounding, vanilla; a variant whose
+#   2. train and publish the variants tsubasa (d=5), d=1, no grounding, vanilla, d=20; a variant whose
 #      registry already has a current adapter for the user is skipped (QA and teacher targets are
 #      cached under .tsubasa/distill-qwen15/distill/cache, so only the first variant pays for them);
 #   3. internalisation on the held-out synthetic questions (reuses the published adapters);
@@ -24,7 +24,7 @@ mkdir -p "$root"
 [[ -d $root/$u.db ]] || cp -r "$src" "$root/$u.db"
 export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
 # teacher targets stored once at d=20 and cut to each variant's d: one teacher pass for d=1, 5 and 20
-export TSUBASA_DISTILL__TEACHER_TOP_D=20
+export TSUBASA_DISTILL__TEACHER_TOP_D=${TSUBASA_DISTILL__TEACHER_TOP_D:-20}
 tsubasa=.venv/bin/tsubasa
 times=$root/$u.times
 
@@ -41,9 +41,9 @@ timed() {  # timed STEP CMD...: run CMD, append "STEP seconds" to the user's tim
 variants=(
     "--variant tsubasa --d 5|$root/adapters"
     "--variant tsubasa --d 1|$root/ablations/tsubasa-kl-d1-k3"
-    "--variant tsubasa --d 20|$root/ablations/tsubasa-kl-d20-k3"
     "--variant no_grounding|$root/ablations/no_grounding-kl-d5-k0"
     "--variant vanilla|$root/ablations/vanilla-lm"
+    "--variant tsubasa --d 20|$root/ablations/tsubasa-kl-d20-k3"
 )
 for v in "${variants[@]}"; do
     args=${v%%|*} reg=${v#*|}
