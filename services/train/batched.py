@@ -38,7 +38,7 @@ def run_batched(w: Worker, config: dict[str, Any]) -> None:
     import torch
 
     from tsubasa.distill.batched import BatchedStudent, BatchedTrainer
-    from tsubasa.distill.train import final_metrics, make_examples
+    from tsubasa.distill.train import enable_gradient_checkpointing, final_metrics, make_examples
 
     settings, cfg, states = w.settings, w.settings.distill, w.states
     capacity = int(config.get("users_per_batch", 16))
@@ -60,9 +60,7 @@ def run_batched(w: Worker, config: dict[str, Any]) -> None:
         waiting = [k for k in todo if k not in data and not states[k].done]
         if waiting and trainer is None:
             student = BatchedStudent(settings.model, cfg, slots=min(capacity, len(todo)))
-            if config.get("gradient_checkpointing"):
-                from services.train.fsdp import enable_gradient_checkpointing
-
+            if config.get("gradient_checkpointing") and not cfg.gradient_checkpointing:  # else already on
                 enable_gradient_checkpointing(student.model)
             trainer = BatchedTrainer(student, w.spec, cfg, seed=cfg.seed)
         for key in waiting[:trainer.free_slots if trainer else 0]:

@@ -16,7 +16,13 @@ from services.train.loop import Worker, _board_update, _report
 def run_fsdp(w: Worker, config: dict[str, Any]) -> None:
     import torch
 
-    from tsubasa.distill.train import LoraStudent, UserTrainer, final_metrics, make_examples
+    from tsubasa.distill.train import (
+        LoraStudent,
+        UserTrainer,
+        enable_gradient_checkpointing,
+        final_metrics,
+        make_examples,
+    )
 
     settings, cfg, states = w.settings, w.settings.distill, w.states
     rounds = sum(w.epochs - states[k].epoch for k in w.keys if not states[k].done)
@@ -34,7 +40,8 @@ def run_fsdp(w: Worker, config: dict[str, Any]) -> None:
                 ds = w.dataset(key)
                 if student is None:
                     student = LoraStudent(settings.model, cfg)
-                    if config.get("gradient_checkpointing") or fsdp_cfg.get("activation_checkpointing"):
+                    if (cfg.gradient_checkpointing or config.get("gradient_checkpointing")
+                            or fsdp_cfg.get("activation_checkpointing")):
                         enable_gradient_checkpointing(student.model)
                     wrapped = _fsdp_wrap(student, fsdp_cfg)
                 examples = make_examples(ds, w.spec, student.tokenizer, settings.model.enable_thinking,
@@ -79,11 +86,6 @@ def run_fsdp(w: Worker, config: dict[str, Any]) -> None:
         for k in w.keys:
             _board_update(w.board, states[k])
 
-
-def enable_gradient_checkpointing(model: Any) -> None:
-    """Recompute activations in backward (before any FSDP wrapping); LoRA needs input grads for it."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
 
 
 def _trainer_state(trainer: Any, wrapped: Any) -> dict[str, Any]:

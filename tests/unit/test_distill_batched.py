@@ -120,3 +120,23 @@ def test_saved_slot_is_the_peft_directory(tiny_engine, tiny_cfg, tmp_path):
         mine = student.model.eval()(input_ids=x).logits
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=x).logits, mine, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(tiny_engine, tiny_cfg):
+    """`distill.gradient_checkpointing` (the laptop's memory knob) recomputes each layer in backward
+    with the LoRA routing still set: two users trained together come out as without it."""
+    spec = TrainSpec.from_config(_cfg())
+    states = {}
+    for ckpt in (False, True):
+        cfg = _cfg(gradient_checkpointing=ckpt)
+        student = BatchedStudent(tiny_cfg, cfg, slots=2)
+        assert student.model.is_gradient_checkpointing == ckpt
+        trainer = BatchedTrainer(student, spec, cfg, seed=cfg.seed)
+        for u, n in (("ann", 5), ("bob", 3)):
+            trainer.add(u, make_examples(_dataset(tiny_engine, u, n), spec, student.tokenizer))
+        for _ in range(2):
+            trainer.run_epoch()
+        states[ckpt] = {u: trainer.user_state(u)["adapter"] for u in ("ann", "bob")}
+    for u in ("ann", "bob"):
+        assert _max_diff(states[True][u], states[False][u]) < TOL["tiny-qwen3"], u
+    assert _max_diff(states[True]["ann"], states[True]["bob"]) > 1e-3  # each slot trained on its own user

@@ -230,6 +230,10 @@ class DistillConfig(BaseModel):
     """Token budget of the teacher's rich context (source session + memories)."""
     teacher_memories: int = Field(20, ge=0, le=10_000)
     """Memories (most similar to the question first) the teacher sees beside the source session."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: the laptop's memory knob. A 1.5B student at batch 8 peaked
+    at about 22 GB resident without it on a 24 GB laptop (see docs/results.md); a distillation job's
+    own `gradient_checkpointing` turns it on for that job too."""
     max_grad_norm: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     vanilla_chunk_tokens: int = Field(256, ge=16, le=65536)

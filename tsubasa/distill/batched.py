@@ -33,6 +33,7 @@ from tsubasa.distill.train import (
     _to,
     answer_logits,
     collate,
+    enable_gradient_checkpointing,
     final_metrics,
     load_student_base,
     lora_targets,
@@ -52,6 +53,8 @@ class BatchedStudent:
         self.model, self.tokenizer, self.device = load_student_base(model_cfg, model, tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.target_modules = lora_targets(self.model, cfg, model_cfg.name)
         self.lora = MultiLoraModel(self.model, slots, cfg.lora_rank, self.target_modules, trainable=True)
         for layer in self.lora.layers.values():

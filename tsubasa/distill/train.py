@@ -164,6 +164,13 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (before any FSDP
+    wrapping); the LoRA layers need the inputs to require grad for it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
 def load_student_base(model_cfg: ModelConfig, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any, Any]:
     """(base model on its device, tokenizer with a pad token, device) for a student."""
     import torch
