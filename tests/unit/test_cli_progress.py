@@ -48,3 +48,27 @@ def test_on_a_terminal_no_plain_lines_are_printed():
         task = bar.add_task("answer", total=10)
         bar.update(task, completed=5)
     assert "answer: 5/10" not in out.getvalue()
+
+
+def test_a_task_cycling_through_stages_times_each_stage_on_its_own():
+    """`tsubasa distill` drives one task through `train` 1..25, `epoch`, `train` 1..25 again: the
+    second epoch's steps are timed from its own start, not from the task's (which made 30 s steps
+    read as 1,000 s each)."""
+    clock = [0.0]
+    out = io.StringIO()
+    bar = LoggedProgress(console=Console(file=out, force_terminal=False, width=100), every=0,
+                         get_time=lambda: clock[0])
+    with bar:
+        task = bar.add_task("u train", total=4)
+        for step in range(1, 5):
+            clock[0] += 30
+            bar.update(task, completed=step)
+        clock[0] += 5
+        bar.update(task, description="u epoch", completed=1, total=3)
+        for step in range(1, 3):
+            clock[0] += 30
+            bar.update(task, description="u train", completed=step, total=4)
+    lines = [ln for ln in out.getvalue().splitlines() if ln[:2].isdigit()]  # the logged lines, not the bar
+    assert "u train: 4/4, 30.0 s each" in lines[3]
+    assert "u train: 1/4, 30.0 s each, eta 2 min" in lines[0]  # the first stage: from the task's start
+    assert lines[-1].endswith("u train: 2/4, 30.0 s each, eta 1 min"), lines  # 2nd epoch, from step 1

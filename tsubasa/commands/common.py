@@ -72,6 +72,9 @@ class LoggedProgress(Progress):
         super().__init__(*columns, **kwargs)
         self.every = every
         self._logged: dict[TaskID, tuple[float, str]] = {}
+        # task -> (description, time, completed) its rate is measured from: a task that cycles through
+        # stages (train steps 1..25, epoch, train steps 1..25 again) times each stage on its own
+        self._base: dict[TaskID, tuple[str, float, float]] = {}
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
@@ -85,18 +88,25 @@ class LoggedProgress(Progress):
         if self.console.is_terminal:
             return
         task = self._tasks[task_id]
-        now = time.monotonic()
+        now = self.get_time()
+        base = self._base.get(task_id)
+        if base is None:  # the task's first stage: timed from the task's start
+            start = task.start_time if task.start_time is not None else now
+            base = self._base[task_id] = (task.description, start, 0.0)
+        elif base[0] != task.description or task.completed < base[2]:  # a new stage, or it started over
+            base = self._base[task_id] = (task.description, now, task.completed)
         at, desc = self._logged.get(task_id, (-float("inf"), ""))
         if desc == task.description and now - at < self.every:
             return
         self._logged[task_id] = (now, task.description)
         total = f"/{task.total:.0f}" if task.total is not None else ""
         line = f"{time.strftime('%H:%M:%S')} {task.description}: {task.completed:.0f}{total}"
-        elapsed = task.elapsed or 0.0
-        if task.completed and elapsed:
-            line += f", {elapsed / task.completed:.1f} s each"
-        if task.time_remaining is not None:
-            line += f", eta {task.time_remaining / 60:.0f} min"
+        done = task.completed - base[2]
+        if done > 0 and now > base[1]:
+            each = (now - base[1]) / done
+            line += f", {each:.1f} s each"
+            if task.total is not None and task.total > task.completed:
+                line += f", eta {each * (task.total - task.completed) / 60:.0f} min"
         self.console.print(line, highlight=False, markup=False)
 
 
