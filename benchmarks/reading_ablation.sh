@@ -37,13 +37,13 @@ timed() {  # timed STEP CMD...: run CMD, append "STEP seconds" to the user's tim
 }
 
 # variant args | registry of its adapters (pipeline.registry_for: the configured tsubasa adapter is
-# published into the serving registry, every other variant under ablations/<tag>)
+# published into the serving registry, every other variant under <data dir>/distill/ablations/<tag>)
 variants=(
     "--variant tsubasa --d 5|$root/adapters"
-    "--variant tsubasa --d 1|$root/ablations/tsubasa-kl-d1-k3"
-    "--variant no_grounding|$root/ablations/no_grounding-kl-d5-k0"
-    "--variant vanilla|$root/ablations/vanilla-lm"
-    "--variant tsubasa --d 20|$root/ablations/tsubasa-kl-d20-k3"
+    "--variant tsubasa --d 1|$root/distill/ablations/tsubasa-kl-d1-k3"
+    "--variant no_grounding|$root/distill/ablations/no_grounding-kl-d5-k0"
+    "--variant vanilla|$root/distill/ablations/vanilla-lm"
+    "--variant tsubasa --d 20|$root/distill/ablations/tsubasa-kl-d20-k3"
 )
 for v in "${variants[@]}"; do
     args=${v%%|*} reg=${v#*|}

@@ -27,8 +27,9 @@ from tsubasa.eval.runner import ROWS_FILE  # noqa: E402
 from tsubasa.stats import bootstrap_mean, paired_difference  # noqa: E402
 
 # variant -> its registry under the ablation root (as in reading_ablation.sh and pipeline.registry_for)
-REGISTRIES = {"tsubasa (d=5)": "adapters", "d=1": "ablations/tsubasa-kl-d1-k3", "d=20": "ablations/tsubasa-kl-d20-k3",
-              "no grounding": "ablations/no_grounding-kl-d5-k0", "vanilla": "ablations/vanilla-lm"}
+REGISTRIES = {"tsubasa (d=5)": "adapters", "d=1": "distill/ablations/tsubasa-kl-d1-k3",
+              "d=20": "distill/ablations/tsubasa-kl-d20-k3", "no grounding": "distill/ablations/no_grounding-kl-d5-k0",
+              "vanilla": "distill/ablations/vanilla-lm"}
 # internalisation orderings: KL(teacher || student) on held-out questions, lower is better, so `a
 # better than b` reads as mean(KL_a - KL_b) < 0
 INTERNALISE = [("after d=5 (k=3)", "after d=1 (k=3)"), ("after d=5 (k=3)", "before (base model, k=3)"),
