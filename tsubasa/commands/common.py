@@ -90,10 +90,9 @@ class LoggedProgress(Progress):
         task = self._tasks[task_id]
         now = self.get_time()
         base = self._base.get(task_id)
-        if base is None:  # the task's first stage: timed from the task's start
-            start = task.start_time if task.start_time is not None else now
-            base = self._base[task_id] = (task.description, start, 0.0)
-        elif base[0] != task.description or task.completed < base[2]:  # a new stage, or it started over
+        # timed from the first update seen of each stage (callers often create a task once its first
+        # item is done, so the task's own start says nothing about the rate)
+        if base is None or base[0] != task.description or task.completed < base[2]:
             base = self._base[task_id] = (task.description, now, task.completed)
         at, desc = self._logged.get(task_id, (-float("inf"), ""))
         if desc == task.description and now - at < self.every:
