@@ -140,3 +140,48 @@ def test_gradient_checkpointing_trains_the_same_adapters(tiny_engine, tiny_cfg):
     for u in ("ann", "bob"):
         assert _max_diff(states[True][u], states[False][u]) < TOL["tiny-qwen3"], u
     assert _max_diff(states[True]["ann"], states[True]["bob"]) > 1e-3  # each slot trained on its own user
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_train_user_goes_on_from_its_last_epoch_after_a_kill(tiny_engine, tiny_cfg, tmp_path):
+    """`resume_dir` keeps the user's state after each epoch: a run killed after epoch 2 of 3 trains
+    only the third on rerun and saves the adapter an uninterrupted run saves; other settings start over."""
+    from safetensors.torch import load_file
+
+    from tsubasa.distill.batched import train_user
+
+    cfg = _cfg(epochs=3)
+    spec = TrainSpec.from_config(cfg)
+    ds = _dataset(tiny_engine, "ann", 5)  # 3 steps of 2 examples per epoch
+    whole = train_user(BatchedStudent(tiny_cfg, cfg, slots=1), ds, spec, cfg, tmp_path / "whole")
+
+    def die_after_two(m: dict) -> None:
+        if m["epoch"] == 2:
+            raise _Killed
+
+    resume = tmp_path / "resume"
+    with pytest.raises(_Killed):
+        train_user(BatchedStudent(tiny_cfg, cfg, slots=1), ds, spec, cfg, tmp_path / "a", on_epoch=die_after_two,
+                   resume_dir=resume)
+    assert (resume / "trainer.pt").exists()
+    steps: list[int] = []
+    again = train_user(BatchedStudent(tiny_cfg, cfg, slots=1), ds, spec, cfg, tmp_path / "b", resume_dir=resume,
+                       on_step=lambda s, n, loss: steps.append(s))
+    assert steps == [1, 2, 3]  # one epoch left
+    no_time = [{k: v for k, v in m.metrics.items() if k != "train_seconds"} for m in (again, whole)]
+    assert no_time[0] == pytest.approx(no_time[1], rel=1e-5)  # losses of all three epochs kept
+    got, want = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "b", tmp_path / "whole"))
+    assert _max_diff(got, want) < TOL["tiny-qwen3"]
+    assert not (resume / "trainer.pt").exists()
+
+    with pytest.raises(_Killed):
+        train_user(BatchedStudent(tiny_cfg, cfg, slots=1), ds, spec, cfg, tmp_path / "c", on_epoch=die_after_two,
+                   resume_dir=resume)
+    other = cfg.model_copy(update={"learning_rate": cfg.learning_rate / 2})
+    steps.clear()
+    train_user(BatchedStudent(tiny_cfg, other, slots=1), ds, spec, other, tmp_path / "d", resume_dir=resume,
+               on_step=lambda s, n, loss: steps.append(s))
+    assert len(steps) == 9  # state saved under another learning rate: all three epochs

@@ -57,7 +57,7 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
             progress(f"train {spec.tag}", i, len(specs))
         t0 = time.perf_counter()
         student = student or BatchedStudent(settings.model, cfg, slots=1)
-        trained = train_user(student, ds, spec, cfg, out_root / spec.tag)
+        trained = train_user(student, ds, spec, cfg, out_root / spec.tag, resume_dir=out_root / f"{spec.tag}.resume")
         training[spec.tag] = {**trained.metrics, "wall_s": time.perf_counter() - t0}
         engine.load_adapter(name, str(trained.out_dir))
     k = cfg.grounding_k

@@ -127,18 +127,17 @@ class UserResult(BaseModel):
 
 
 def train_and_publish(student: BatchedStudent, dataset: UserDataset, spec: TrainSpec, cfg: DistillConfig,
-                      registry: AdapterRegistry, progress: Progress | None = None,
+                      registry: AdapterRegistry, progress: Progress | None = None, resume_dir: str | None = None,
                       **extra: str) -> AdapterVersion:
-    """Train a fresh adapter for the dataset's user and publish it as the next version."""
-    done_epochs = [0]
+    """Train a fresh adapter for the dataset's user and publish it as the next version (with
+    `resume_dir`, a killed run goes on from its last finished epoch)."""
 
     def on_epoch(m: dict[str, float]) -> None:
-        done_epochs[0] += 1
         if progress:
-            progress("epoch", done_epochs[0], cfg.epochs)
+            progress("epoch", int(m["epoch"]), cfg.epochs)
 
     with tempfile.TemporaryDirectory(prefix="tsubasa-adapter-") as tmp:
-        trained = train_user(student, dataset, spec, cfg, tmp, on_epoch=on_epoch,
+        trained = train_user(student, dataset, spec, cfg, tmp, on_epoch=on_epoch, resume_dir=resume_dir,
                              on_step=(lambda s, n, _loss: progress("train", s, n)) if progress else None)
         manifest = make_manifest(dataset, spec, cfg, student.target_modules, trained.metrics, trained.n_examples,
                                  **extra)
@@ -205,7 +204,8 @@ def distill_local(settings: Settings, users: Sequence[tuple[str, str]], spec: Tr
         if r is not None:
             continue
         tenant_id, user_id, cb, dataset = next(trained)
-        v = train_and_publish(student, dataset, spec, cfg, registry, progress=cb)
+        v = train_and_publish(student, dataset, spec, cfg, registry, progress=cb,
+                              resume_dir=f"{settings.distill_dir}/checkpoints/local/{spec.tag}/{tenant_id}/{user_id}")
         results[i] = UserResult(tenant_id=tenant_id, user_id=user_id, version=v.version, adapter=v.name,
                                 metrics=v.manifest.metrics, stats=dataset.stats)
     return [r for r in results if r is not None]
