@@ -77,6 +77,8 @@ def training(root: Path, user: str) -> dict[str, dict]:
     """Each published variant's manifest figures (loss per epoch, seconds, examples)."""
     out = {}
     for variant, sub in REGISTRIES.items():
+        if not (root / sub).is_dir():  # AdapterRegistry would create it: a report changes nothing
+            continue
         v = AdapterRegistry(str(root / sub)).current("bench", user)
         if v is not None:
             m = v.manifest
