@@ -87,7 +87,6 @@ def run_fsdp(w: Worker, config: dict[str, Any]) -> None:
             _board_update(w.board, states[k])
 
 
-
 def _trainer_state(trainer: Any, wrapped: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
