@@ -62,6 +62,30 @@ def test_score_topd_matches_a_full_forward(engine):
     np.testing.assert_allclose(s2.topd_logprobs, s.topd_logprobs, atol=1e-4)
 
 
+def test_lm_head_gets_a_contiguous_slice_and_the_same_logits(engine):
+    """`logits_to_keep` hands the head a strided slice of a batch; the pre-hook makes it contiguous
+    (so matmul folds it into one mm instead of copying the weight per row) without changing logits,
+    and installing it twice leaves one hook."""
+    from tsubasa.llm.models import contiguous_lm_head
+
+    model = engine.base_model
+    head = model.get_output_embeddings()
+    n_hooks = len(head._forward_pre_hooks)
+    assert n_hooks >= 1 and contiguous_lm_head(model) is model and len(head._forward_pre_hooks) == n_hooks
+    enc = engine.tokenizer.pad({"input_ids": [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]},
+                               return_tensors="pt", padding=True)
+    seen = []
+    probe = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    try:
+        with torch.inference_mode():
+            kept = model(**enc, logits_to_keep=3).logits
+            full = model(**enc).logits[:, -3:]
+    finally:
+        probe.remove()
+    assert seen == [True, True]
+    assert torch.allclose(kept, full, atol=1e-5)
+
+
 def test_mixed_adapter_batches_equal_single_adapter_runs(engine, adapters):
     engine.load_adapter("t1/u1/v0001", adapters[0])
     engine.load_adapter("t2/u1/v0001", adapters[1])

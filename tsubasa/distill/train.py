@@ -176,7 +176,7 @@ def load_student_base(model_cfg: ModelConfig, model: Any = None, tokenizer: Any 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tsubasa.llm.models import resolve_model, torch_dtype
+    from tsubasa.llm.models import contiguous_lm_head, resolve_model, torch_dtype
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     want_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
@@ -186,7 +186,7 @@ def load_student_base(model_cfg: ModelConfig, model: Any = None, tokenizer: Any 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = model or AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    base = contiguous_lm_head(model or AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     base.to(device)
     return base, tokenizer, device
 

@@ -26,7 +26,7 @@ from tsubasa.llm.base import (
     TopDScores,
     reject_json_schema,
 )
-from tsubasa.llm.models import resolve_model, torch_dtype
+from tsubasa.llm.models import contiguous_lm_head, resolve_model, torch_dtype
 from tsubasa.llm.multilora import MultiLoraModel
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class HFEngine(ChatTokenizerMixin):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.base_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).to(self.device)
+        self.base_model = contiguous_lm_head(AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype))
+        self.base_model.to(self.device)
         self.base_model.eval()
         self.lora: MultiLoraModel | None = None  # layers are put in at the first adapter
         self._adapters: OrderedDict[str, int] = OrderedDict()  # name -> slot

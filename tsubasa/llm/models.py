@@ -143,6 +143,22 @@ def _build_smollm2(out: Path) -> None:
     _build_from_gguf(out, smollm2_gguf_path(), SMOLLM2)
 
 
+def contiguous_lm_head(model: Any) -> Any:
+    """Make the output layer's input contiguous before it runs (idempotent; returns `model`).
+
+    With `logits_to_keep`, transformers feeds the LM head a slice `hidden[:, -k:]` of a batch. For a
+    frozen head torch.matmul cannot fold that non-contiguous 3-D input into one matrix product, so it
+    expands the (V, H) weight to the batch and copies it: 8 x 467 MB for Qwen2.5-1.5B, 8.2 s of an
+    18.6 s forward on 2 cores (profiled; teacher scoring, training and every batched prefill pay
+    it). A contiguous input folds into one mm; the result is the same product."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "_tsubasa_contiguous", None) is None:
+        # the handle is kept so that benchmarks/lm_head_slice.py can measure without the hook
+        head._tsubasa_contiguous = head.register_forward_pre_hook(
+            lambda _m, args: (args[0].contiguous(), *args[1:]))
+    return model
+
+
 def torch_dtype(setting: str, path: str, want_cuda: bool) -> Any:
     """The torch dtype to load the transformers model at `path` in for `model.dtype` = `setting`.
     "auto": bfloat16 on CUDA; on a CPU bfloat16 where the checkpoint is stored in bf16 and the CPU
