@@ -89,8 +89,14 @@ def _checkpoints(storage: Path) -> list[Path]:
 def _train_workers() -> list:
     import psutil
 
-    return [p for p in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline() if p.is_running() else [])]
+    workers = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.Error:  # exited, or a zombie, between the listing and the read (is_running() is
+            continue          # true for a zombie, and cmdline() then raises ZombieProcess)
+    return workers
 
 
 def test_kill_resume_and_second_version(tmp_path, embedder, ray_cluster):
