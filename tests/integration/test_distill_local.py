@@ -83,6 +83,9 @@ def test_internalisation_measure(seeded, store, tmp_path):
         app, ["distill", "internalise", "-t", "acme", "-u", "alice", "--d", "1,5", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "95% CI" in res.output and "paired differences on the same questions" in res.output
+    # no terminal: a line per stage, so a long measurement says where it is
+    assert "teacher answers (" in res.output and "teacher distributions: 0/" in res.output
+    assert "measure after no-grounding d=5 (5/5): 0/" in res.output
     report = json.loads(out.read_text())
     labels = [r["label"] for r in report["rows"]]
     assert labels == ["before (base model, k=3)", "after d=1 (k=3)", "after d=5 (k=3)",

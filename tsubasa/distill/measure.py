@@ -75,9 +75,9 @@ def run_internalisation(settings: Settings, tenant_id: str, user_id: str, d_valu
     if cfg.top_d in after:
         pairs += [(after[cfg.top_d], after[d]) for d in after if d != cfg.top_d] + [(after[cfg.top_d], after_ng)]
     if progress:
-        progress("teacher answers", 0, 1)
+        progress(f"teacher answers ({len(ds.heldout)} held-out questions, one batched call)", 0, 1)
     ref = teacher_reference(engine, ds.heldout, max_new_tokens=cfg.max_answer_words * 3)
-    rows = measure(engine, ds, conds, max_new_tokens=cfg.max_answer_words * 3, reference=ref, on_condition=progress)
+    rows = measure(engine, ds, conds, max_new_tokens=cfg.max_answer_words * 3, reference=ref, progress=progress)
     comparisons = compare(rows, pairs)
     return {"tenant_id": tenant_id, "user_id": user_id, "model": settings.model.name, "n_heldout": len(ds.heldout),
             "n_train": len(ds.train), "dataset": ds.stats, "training": training,
