@@ -25,10 +25,9 @@ from tsubasa.stats import bootstrap_mean, paired_difference  # noqa: E402
 
 # The paper's orderings. Writing (Table 2): RAG(utterance) < RAG(observation) <= static <= evolving.
 # Reading (its ablation): top-5 KL > cross-entropy (d=1) > no grounding > vanilla fine-tuning, and the
-# adapter with its memories above the memories alone.
-# the paper's chain d=5 > d=1 > no grounding > vanilla, then two like-for-like checks: vanilla
-# fine-tuning is served with the same k=3 memories as tsubasa (so `vanilla < no grounding` also
-# weighs grounding against none), and adapter + memories against memories alone
+# adapter with its memories above the memories alone. Vanilla fine-tuning is served with the same k=3
+# memories as tsubasa, so `vanilla < no grounding` also weighs memories against none: the pair
+# `vanilla < tsubasa` is the like-for-like check.
 READING = [("tsubasa-d1@k=3", "<", "tsubasa@k=3"), ("tsubasa-no-grounding", "<", "tsubasa-d1@k=3"),
            ("vanilla-ft@k=3", "<", "tsubasa-no-grounding"), ("vanilla-ft@k=3", "<", "tsubasa@k=3"),
            ("memory-evolving@k=3", "<", "tsubasa@k=3")]
