@@ -7,7 +7,8 @@
 #
 # Steps (docs/results.md, "The reading ablation with the 1.5B model"):
 #   1. copy the memory the 1.5B writer built (.tsubasa/eval-qwen15/<user>/evolving.db, from
-#      benchmarks/writer_locomo.py) to .tsubasa/distill-qwen15/<user>.db, once;
+#      benchmarks/writer_locomo.py) to .tsubasa/distill-qwen15/<user>.db, once; on a fresh machine
+#      build_memory.py first rebuilds that memory (about 1.5 h for a 19-session user on 2 cores);
 #   2. train and publish the variants tsubasa (d=5), d=1, no grounding, vanilla, d=20; a variant whose
 #      registry already has a current adapter for the user is skipped (QA and teacher targets are
 #      cached under .tsubasa/distill-qwen15/distill/cache, so only the first variant pays for them);
@@ -19,9 +20,19 @@ u=${1:?usage: benchmarks/reading_ablation.sh USER (a LoCoMo sample id, e.g. conv
 cd "$(dirname "$0")/.."
 root=.tsubasa/distill-qwen15
 src=.tsubasa/eval-qwen15/$u/evolving.db
-[[ -d $root/$u.db || -d $src ]] || { echo "no memory for $u: build it with benchmarks/writer_locomo.py --conversations $u" >&2; exit 2; }
 mkdir -p "$root"
-[[ -d $root/$u.db ]] || cp -r "$src" "$root/$u.db"
+if [[ ! -d $root/$u.db ]]; then
+    # The writer's memory, built (or finished, if a build was cut off) the way writer_locomo.py builds
+    # it: build_memory.py skips processed sessions, so on a machine that has the memory this is a
+    # no-op; on a fresh one (the memory is LoCoMo-derived, never committed) it rebuilds it. Cost rows
+    # already committed for this user are kept, not re-added. Copied only whole (tmp, then mv).
+    echo "== $u: the writer's memory at $src ($(date -u +%H:%M:%S))"
+    t0=$SECONDS
+    .venv/bin/python benchmarks/build_memory.py --conversations "$u" --mode evolving --db "$src" \
+        --cache .tsubasa/eval-qwen15/replies.jsonl --cost "benchmarks/results/writer-cost-qwen15/$u.json"
+    echo "memory $((SECONDS - t0))" >> "$root/$u.times"
+    rm -rf "$root/$u.db.tmp" && cp -r "$src" "$root/$u.db.tmp" && mv "$root/$u.db.tmp" "$root/$u.db"
+fi
 export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
 # teacher targets stored once at d=20 and cut to each variant's d: one teacher pass for d=1, 5 and 20
 export TSUBASA_DISTILL__TEACHER_TOP_D=${TSUBASA_DISTILL__TEACHER_TOP_D:-20}
