@@ -21,22 +21,6 @@ cd "$(dirname "$0")/.."
 root=.tsubasa/distill-qwen15
 src=.tsubasa/eval-qwen15/$u/evolving.db
 mkdir -p "$root"
-if [[ ! -d $root/$u.db ]]; then
-    # The writer's memory, built (or finished, if a build was cut off) the way writer_locomo.py builds
-    # it: build_memory.py skips processed sessions, so on a machine that has the memory this is a
-    # no-op; on a fresh one (the memory is LoCoMo-derived, never committed) it rebuilds it. Cost rows
-    # already committed for this user are kept, not re-added. Copied only whole (tmp, then mv).
-    echo "== $u: the writer's memory at $src ($(date -u +%H:%M:%S))"
-    t0=$SECONDS
-    .venv/bin/python benchmarks/build_memory.py --conversations "$u" --mode evolving --db "$src" \
-        --cache .tsubasa/eval-qwen15/replies.jsonl --cost "benchmarks/results/writer-cost-qwen15/$u.json"
-    echo "memory $((SECONDS - t0))" >> "$root/$u.times"
-    rm -rf "$root/$u.db.tmp" && cp -r "$src" "$root/$u.db.tmp" && mv "$root/$u.db.tmp" "$root/$u.db"
-fi
-export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
-# teacher targets stored once at d=20 and cut to each variant's d: one teacher pass for d=1, 5 and 20
-export TSUBASA_DISTILL__TEACHER_TOP_D=${TSUBASA_DISTILL__TEACHER_TOP_D:-20}
-tsubasa=.venv/bin/tsubasa
 times=$root/$u.times
 
 timed() {  # timed STEP CMD...: run CMD, append "STEP seconds" to the user's times file
@@ -46,6 +30,20 @@ timed() {  # timed STEP CMD...: run CMD, append "STEP seconds" to the user's tim
     "$@"
     echo "$step $((SECONDS - t0))" >> "$times"
 }
+
+if [[ ! -d $root/$u.db ]]; then
+    # The writer's memory, built (or finished, if a build was cut off) the way writer_locomo.py builds
+    # it: build_memory.py skips processed sessions, so on a machine that has the memory this is a
+    # no-op; on a fresh one (the memory is LoCoMo-derived, never committed) it rebuilds it. Cost rows
+    # already committed for this user are kept, not re-added. Copied only whole (tmp, then mv).
+    timed memory .venv/bin/python benchmarks/build_memory.py --conversations "$u" --mode evolving --db "$src" \
+        --cache .tsubasa/eval-qwen15/replies.jsonl --cost "benchmarks/results/writer-cost-qwen15/$u.json"
+    rm -rf "$root/$u.db.tmp" && cp -r "$src" "$root/$u.db.tmp" && mv "$root/$u.db.tmp" "$root/$u.db"
+fi
+export TSUBASA_DATA_DIR=$root TSUBASA_MILVUS__URI=$root/$u.db TSUBASA_MODEL__NAME=qwen2.5-coder-1.5b-instruct
+# teacher targets stored once at d=20 and cut to each variant's d: one teacher pass for d=1, 5 and 20
+export TSUBASA_DISTILL__TEACHER_TOP_D=${TSUBASA_DISTILL__TEACHER_TOP_D:-20}
+tsubasa=.venv/bin/tsubasa
 
 # variant args | registry of its adapters (pipeline.registry_for: the configured tsubasa adapter is
 # published into the serving registry, every other variant under <data dir>/distill/ablations/<tag>)
